@@ -1,0 +1,1 @@
+"""The `dpe-gguf` command line (placeholder, being written)."""
