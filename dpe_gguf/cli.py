@@ -1,1 +1,244 @@
-"""The `dpe-gguf` command line (placeholder, being written)."""
+"""The ``dpe-gguf`` command line: a thin layer over :mod:`dpe_gguf.convert`.
+
+Exit codes: 0 success, 2 bad usage or a :class:`DPEError` (message ``dpe-gguf: error: ...``),
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .errors import DPEError
+
+PROG = "dpe-gguf"
+
+_SCORES_HELP = """\
+scores file: a NumPy .npy file (numpy.save) with one real contribution per (layer, KV head,
+frequency), shape (n_layer, n_head_kv, F) where F = n_rot/2; query-head scores of shape
+(n_layer, n_head, F) are folded into their KV head by summing. --topk K keeps the K
+highest-scoring frequencies of each (layer, KV head) (ties: lower frequency wins); the others get
+divisor 1."""
+
+_CONVERT_EPILOG = f"""\
+example:
+  {PROG} convert model.gguf --window 1024 --scales 2,2,4,4,8,8,16,16
+
+The divisor of frequency f (f = 0..F-1, F = n_rot/2) is scales[floor(f*G/F)] with G the number of
+scales. --scales 4 alone is uniform divisor 4 (Self-Extend with group size 4).
+
+{_SCORES_HELP}"""
+
+
+def _version_text() -> str:
+    """Package version, pinned llama.cpp commit, patch series, CUDA on or off."""
+    from .info import version_text
+    return version_text()
+
+
+class _VersionAction(argparse.Action):
+    """--version: print the build facts line by line (argparse's own action rewraps them)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_text())
+        parser.exit(0)
+
+
+def _parse_scales(text: str) -> tuple[int, ...]:
+    """``"2,2,4,4"`` -> (2, 2, 4, 4); a non-integer entry is a DPEError."""
+    items = [s.strip() for s in text.split(",")]
+    scales = []
+    for item in items:
+        try:
+            scales.append(int(item, 10))
+        except ValueError:
+            raise DPEError(f"--scales: {item!r} is not an integer; divisors are whole numbers >= 1, "
+                           "e.g. --scales 2,2,4,4,8,8,16,16") from None
+    return tuple(scales)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``dpe-gguf convert``."""
+    from .convert import convert
+    from .params import DPEParams
+
+    params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
+                       target_context=args.target_context, calibration=args.calibration)
+    out = convert(args.input, args.output, params=params, scores=args.scores, force=args.force,
+                  progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_strip(args: argparse.Namespace) -> int:
+    """``dpe-gguf strip``."""
+    from .convert import strip
+
+    out = strip(args.input, args.output, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from .models import default_model
+    print(default_model())
+    return 0
+
+
+def cmd_lib_path(args: argparse.Namespace) -> int:
+    from .native import LIB_DIR
+    if not LIB_DIR.is_dir():
+        raise DPEError(f"{LIB_DIR} does not exist: install dpe-gguf with `pip install .`")
+    print(LIB_DIR)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``dpe-gguf inspect``."""
+    from .convert import inspect
+
+    info = inspect(args.file, include_table=args.plot is not None)
+    if args.plot is not None:
+        if info["dpe"] is None:
+            raise DPEError(f"{args.file}: has no DPE table to plot; convert it first")
+        import numpy as np
+
+        from .plot import plot_divisor_table
+
+        dpe = info["dpe"]
+        title = (f"{info['architecture']} {args.file}: w={dpe['window']}, scales "
+                 f"{','.join(map(str, dpe['group_scales']))}, top-{dpe['topk']}/{info['n_freq']}")
+        plot_divisor_table(np.asarray(dpe.pop("table"), dtype=np.float32), args.plot, title)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_format_inspect(info))
+        if args.plot is not None:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+def _format_inspect(info: dict[str, Any]) -> str:
+    rows = [
+        ("file", info["file"]),
+        ("architecture", info["architecture"]),
+        ("trained context", info["context_length"]),
+        ("layers", info["n_layer"]),
+        ("heads (query / KV)", f"{info['n_head']} / {info['n_head_kv']}"),
+        ("head size / n_rot", f"{info['head_dim']} / {info['n_rot']} (F = {info['n_freq']} frequencies)"),
+        ("rope type", info["rope_type"].upper()
+         + ("" if info["dpe_supported"] else "  (not supported by DPE)")),
+        ("rope freq base / scale", f"{info['freq_base']:g} / {info['freq_scale']:g}"),
+        ("rope scaling", info["rope_scaling_type"] or "none"),
+        ("rope_freqs tensor", "yes" if info["has_rope_freqs"] else "no"),
+    ]
+    dpe = info["dpe"]
+    if dpe is None:
+        rows.append(("DPE", "none"))
+    else:
+        rows += [
+            ("DPE window", dpe["window"]),
+            ("DPE contexts", f"trained {dpe['original_context_length']}, target {dpe['target_context_length']}"),
+            ("DPE group scales", ",".join(map(str, dpe["group_scales"]))),
+            ("DPE top-k", f"{dpe['topk']} of {info['n_freq']}"),
+        ]
+        if dpe["calibration"]:
+            rows.append(("DPE calibration", dpe["calibration"]))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if dpe is not None:
+        lines.append("")
+        lines.append("group  frequencies  divisor")
+        for g in dpe["groups"]:
+            lines.append(f"{g['group']:>5}  {g['first_freq']:>5}..{g['last_freq']:<5}  {g['divisor']:>7}")
+        if not dpe["table_matches_groups"]:
+            lines.append("note: the table holds divisors other than 1 and its group's scale")
+        lines.append("")
+        lines.append(f"scaled frequencies (divisor > 1) per layer, per KV head (of {info['n_freq']}):")
+        for layer, counts in enumerate(dpe["scaled_per_layer"]):
+            lines.append(f"  layer {layer:>3}: " + " ".join(f"{c:>3}" for c in counts))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per verb."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="DPE (dimension-wise positional embedding manipulation) for GGUF models.")
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="show the package version, pinned llama.cpp commit, patch series and CUDA")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="add DPE parameters to a RoPE GGUF (writes a new file)",
+                       description="Write a copy of IN with the DPE keys and divisor table added.\n"
+                                   "Tensors are copied byte for byte; the input is never modified.",
+                       epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN.gguf")
+    p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: IN.dpe.gguf)")
+    p.add_argument("--window", type=int, required=True, metavar="W",
+                   help="local window: keys closer than W use ordinary RoPE (1 <= W < trained context)")
+    p.add_argument("--scales", required=True, metavar="S0,...,S{G-1}",
+                   help="integer position divisor (>= 1) of each of the G frequency groups")
+    p.add_argument("--topk", type=int, metavar="K",
+                   help="scale only the K highest-scoring frequencies per layer and KV head (needs --scores)")
+    p.add_argument("--scores", metavar="FILE", help="per-(layer, KV head, frequency) scores, .npy (see below)")
+    p.add_argument("--target-context", type=int, metavar="T",
+                   help="context the parameters were calibrated for (default: (L - W + W//S) * S, "
+                        "S = largest scale)")
+    p.add_argument("--calibration", metavar="TEXT", help="free-text note stored as dpe.calibration")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite OUT if it exists; replace DPE parameters already in IN")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("inspect", help="describe a GGUF model and its DPE parameters",
+                       description="Show architecture, trained context, heads, n_rot, rope type and, if "
+                                   "present, the DPE parameters and divisor table.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print JSON for tools")
+    p.add_argument("--plot", metavar="PNG", help="draw the divisor table as a heatmap")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("strip", help="remove DPE parameters (writes a new file)",
+                       description="Write a copy of IN without the dpe.* keys and rope_dpe.weight.")
+    p.add_argument("input", metavar="IN.dpe.gguf")
+    p.add_argument("-o", "--output", metavar="OUT.gguf",
+                   help="output file (default: IN with .dpe.gguf replaced by .gguf)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=cmd_strip)
+
+    p = sub.add_parser("model", help="print the path of the embedded default model (SmolLM2-135M Q4_1)")
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("lib-path", help="print the folder of the patched libllama (for LLAMA_CPP_LIB_PATH)")
+    p.set_defaults(func=cmd_lib_path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors (2)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return func(args)
+    except DPEError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
