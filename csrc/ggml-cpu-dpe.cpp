@@ -1,0 +1,130 @@
+// GGML_OP_ROPE_DPE on the CPU (compiled into ggml-cpu). Semantics: ggml-dpe.h; arithmetic: ggml-dpe-impl.h.
+#include "ggml-dpe.h"
+#include "ggml-dpe-impl.h"
+
+#include "ggml-cpu-impl.h"
+#include "ops.h"
+
+#include <string.h>
+
+void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * src0 = dst->src[0]; // a
+    const ggml_tensor * src1 = dst->src[1]; // pos
+    const ggml_tensor * src2 = dst->src[2]; // table
+    const ggml_tensor * src3 = dst->src[3]; // freq_factors or NULL
+
+    GGML_ASSERT(src0->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32);
+    GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
+
+    const int32_t * op_params = (const int32_t *) dst->op_params;
+    const int n_dims     = op_params[GGML_ROPE_DPE_P_N_DIMS];
+    const int mode       = op_params[GGML_ROPE_DPE_P_MODE];
+    const int n_ctx_orig = op_params[GGML_ROPE_DPE_P_N_CTX_ORIG];
+    const int window     = op_params[GGML_ROPE_DPE_P_WINDOW];
+    const bool is_query  = op_params[GGML_ROPE_DPE_P_IS_QUERY] != 0;
+    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
+    memcpy(&freq_base,  op_params + GGML_ROPE_DPE_P_FREQ_BASE,  sizeof(float));
+    memcpy(&freq_scale, op_params + GGML_ROPE_DPE_P_FREQ_SCALE, sizeof(float));
+    memcpy(&ext_factor, op_params + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));
+    memcpy(&beta_fast,  op_params + GGML_ROPE_DPE_P_BETA_FAST,  sizeof(float));
+    memcpy(&beta_slow,  op_params + GGML_ROPE_DPE_P_BETA_SLOW,  sizeof(float));
+
+    GGML_TENSOR_UNARY_OP_LOCALS
+
+    GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
+    GGML_ASSERT(nb00 == sizeof(float) && nb0 == sizeof(float));
+    GGML_ASSERT(n_dims % 2 == 0 && n_dims <= ne0);
+
+    const int n_f = n_dims / 2;
+    GGML_ASSERT(n_f <= GGML_DPE_MAX_F);
+
+    const int64_t n_head_kv = src2->ne[1];
+    const int64_t n_group   = ne01 / n_head_kv; // query heads per KV head
+    GGML_ASSERT(n_group * n_head_kv == ne01);
+
+    const float   * freq_factors = src3 ? (const float *) src3->data : NULL;
+    const int32_t * pos          = (const int32_t *) src1->data;
+
+    // per-frequency rates: the same for every row (double: see ggml-dpe-impl.h)
+    const float theta_scale = powf(freq_base, -2.0f/n_dims);
+    float corr_dims[2];
+    ggml_rope_yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow, corr_dims);
+
+    double rate[GGML_DPE_MAX_F];
+    for (int f = 0; f < n_f; f++) {
+        const float ff = freq_factors ? freq_factors[f] : 1.0f;
+        rate[f] = ggml_dpe_rate(f, theta_scale, ff, freq_scale, ext_factor, corr_dims[0], corr_dims[1]);
+    }
+
+    // (cos, sin) per frequency for the current (token, KV head); rot[f] == 0: delta 0, copy the pair.
+    // The angle depends on (pos, s, f) only: cache_s[f] remembers the divisor the entry was computed for, so
+    // KV heads that share a divisor (s_g or 1 per frequency in DPE tables) reuse it within a token.
+    float   cache[2*GGML_DPE_MAX_F];
+    uint8_t rot[GGML_DPE_MAX_F];
+    int32_t cache_s[GGML_DPE_MAX_F];
+    int64_t cache_i2 = -1;
+    int64_t cache_hk = -1;
+
+    // NORMAL: pair (2f, 2f+1); NEOX: pair (f, f + n_dims/2)
+    const int64_t pair_step = mode == GGML_ROPE_TYPE_NEOX ? 1      : 2;
+    const int64_t pair_offs = mode == GGML_ROPE_TYPE_NEOX ? n_f    : 1;
+
+    const int64_t nr  = ne1*ne2*ne3;
+    const int     ith = params->ith;
+    const int     nth = params->nth;
+    const int64_t dr  = (nr + nth - 1)/nth;
+    const int64_t ir0 = dr*ith;
+    const int64_t ir1 = MIN(ir0 + dr, nr);
+
+    for (int64_t ir = ir0; ir < ir1; ir++) {
+        const int64_t i3 = ir/(ne1*ne2);
+        const int64_t i2 = (ir - i3*ne1*ne2)/ne1;
+        const int64_t i1 = ir - i3*ne1*ne2 - i2*ne1;
+        const int64_t hk = i1/n_group;
+
+        if (i2 != cache_i2 || hk != cache_hk) {
+            if (i2 != cache_i2) {
+                memset(cache_s, 0, n_f*sizeof(int32_t));
+            }
+            const float * sigma = (const float *) ((const char *) src2->data + hk*src2->nb[1]);
+            for (int f = 0; f < n_f; f++) {
+                const int32_t s = (int32_t) sigma[f];
+                GGML_ASSERT(s >= 1 && "rope_dpe: divisors must be >= 1");
+                if (s == cache_s[f]) {
+                    continue;
+                }
+                cache_s[f] = s;
+                const int64_t delta = ggml_dpe_delta(pos[i2], s, window, is_query);
+                rot[f] = delta != 0;
+                if (rot[f]) {
+                    const float theta = ggml_dpe_angle(delta, rate[f]);
+                    cache[2*f + 0] = cosf(theta);
+                    cache[2*f + 1] = sinf(theta);
+                }
+            }
+            cache_i2 = i2;
+            cache_hk = hk;
+        }
+
+        const float * x = (const float *) ((const char *) src0->data + i3*nb03 + i2*nb02 + i1*nb01);
+        float       * y = (float       *) ((char       *)  dst->data + i3*nb3  + i2*nb2  + i1*nb1);
+
+        for (int f = 0; f < n_f; f++) {
+            const int64_t i0 = f*pair_step;
+            const float x0 = x[i0];
+            const float x1 = x[i0 + pair_offs];
+            if (rot[f]) {
+                const float c = cache[2*f + 0];
+                const float s = cache[2*f + 1];
+                y[i0]             = x0*c - x1*s;
+                y[i0 + pair_offs] = x0*s + x1*c;
+            } else {
+                y[i0]             = x0;
+                y[i0 + pair_offs] = x1;
+            }
+        }
+        for (int64_t i0 = n_dims; i0 < ne0; i0++) {
+            y[i0] = x[i0];
+        }
+    }
+}

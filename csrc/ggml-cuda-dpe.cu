@@ -1,0 +1,158 @@
+// GGML_OP_ROPE_DPE on CUDA. Semantics: ggml-dpe.h; arithmetic shared with the CPU kernel: ggml-dpe-impl.h.
+#include "ggml-cuda-dpe.cuh"
+#include "ggml-dpe.h"
+#include "ggml-dpe-impl.h"
+
+// One thread per pair (i0 = 2*pair): NORMAL pair (i0, i0+1); NEOX pair (i0/2, i0/2 + n_dims/2) for
+// i0 < n_dims; threads with i0 >= n_dims copy (i0, i0+1). One block row per (token, head) row.
+template <bool neox, bool has_ff>
+static __global__ void rope_dpe_f32(
+        const float * x, float * dst, const int ne00, const int ne01, const int ne02,
+        const int64_t s01, const int64_t s02, const int64_t s03, // strides of x in floats
+        const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
+        const float theta_scale, const float freq_scale, const float ext_factor, const float corr_low, const float corr_high,
+        const float * freq_factors, const int window, const bool is_query) {
+    const int i0 = 2*(blockDim.y*blockIdx.y + threadIdx.y);
+    if (i0 >= ne00) {
+        return;
+    }
+
+    const int64_t row = blockIdx.x;
+    const int64_t i3  = row/((int64_t) ne01*ne02);
+    const int64_t i2  = (row - i3*ne01*ne02)/ne01;
+    const int64_t i1  = row - i3*ne01*ne02 - i2*ne01;
+
+    const float * xr = x   + i1*s01 + i2*s02 + i3*s03;
+    float       * yr = dst + row*ne00;
+
+    if (i0 >= n_dims) {
+        yr[i0 + 0] = xr[i0 + 0];
+        yr[i0 + 1] = xr[i0 + 1];
+        return;
+    }
+
+    const int f    = i0/2;
+    const int ia   = neox ? f            : i0;
+    const int ib   = neox ? f + n_dims/2 : i0 + 1;
+
+    const float x0 = xr[ia];
+    const float x1 = xr[ib];
+
+    int32_t s = (int32_t) table[(i1/n_group)*s_table + f];
+    s = s < 1 ? 1 : s; // the CPU kernel asserts instead; the loader validates the table
+
+    const int64_t delta = ggml_dpe_delta(pos[i2], s, window, is_query);
+    if (delta == 0) {
+        yr[ia] = x0;
+        yr[ib] = x1;
+        return;
+    }
+
+    const float  ff    = has_ff ? freq_factors[f] : 1.0f;
+    const double rate  = ggml_dpe_rate(f, theta_scale, ff, freq_scale, ext_factor, corr_low, corr_high);
+    const float  theta = ggml_dpe_angle(delta, rate);
+
+    float sin_theta;
+    float cos_theta;
+    sincosf(theta, &sin_theta, &cos_theta);
+
+    yr[ia] = x0*cos_theta - x1*sin_theta;
+    yr[ib] = x0*sin_theta + x1*cos_theta;
+}
+
+template <bool neox>
+static void rope_dpe_f32_cuda(
+        const float * x, float * dst, const int ne00, const int ne01, const int ne02, const int64_t nr,
+        const int64_t s01, const int64_t s02, const int64_t s03,
+        const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
+        const float theta_scale, const float freq_scale, const float ext_factor, const float corr_dims[2],
+        const float * freq_factors, const int window, const bool is_query, cudaStream_t stream) {
+    GGML_ASSERT(ne00 % 2 == 0);
+    GGML_ASSERT(nr <= INT_MAX);
+    const dim3 block_dims(1, CUDA_ROPE_DPE_BLOCK_SIZE, 1);
+    const int  n_blocks_y = (ne00 + 2*CUDA_ROPE_DPE_BLOCK_SIZE - 1)/(2*CUDA_ROPE_DPE_BLOCK_SIZE);
+    const dim3 block_nums((unsigned) nr, n_blocks_y, 1);
+
+    if (freq_factors == nullptr) {
+        rope_dpe_f32<neox, false><<<block_nums, block_dims, 0, stream>>>(
+            x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, is_query);
+    } else {
+        rope_dpe_f32<neox, true><<<block_nums, block_dims, 0, stream>>>(
+            x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, is_query);
+    }
+}
+
+bool ggml_cuda_supports_rope_dpe(const ggml_tensor * op) {
+    const ggml_tensor * a     = op->src[0];
+    const ggml_tensor * pos   = op->src[1];
+    const ggml_tensor * table = op->src[2];
+    const ggml_tensor * ff    = op->src[3];
+    const int mode = ((const int32_t *) op->op_params)[GGML_ROPE_DPE_P_MODE];
+    return op->type == GGML_TYPE_F32 && a->type == GGML_TYPE_F32 && a->nb[0] == sizeof(float) &&
+           a->ne[0] % 2 == 0 &&
+           pos->type == GGML_TYPE_I32 && ggml_is_contiguous(pos) &&
+           table->type == GGML_TYPE_F32 && table->nb[0] == sizeof(float) && table->nb[1] % sizeof(float) == 0 &&
+           (ff == nullptr || (ff->type == GGML_TYPE_F32 && ggml_is_contiguous(ff))) &&
+           (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) &&
+           ggml_nrows(op) <= INT_MAX;
+}
+
+void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * src0 = dst->src[0];
+    const ggml_tensor * src1 = dst->src[1];
+    const ggml_tensor * src2 = dst->src[2];
+    const ggml_tensor * src3 = dst->src[3];
+
+    GGML_ASSERT(src0->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32);
+    GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
+    GGML_ASSERT(ggml_is_contiguous(dst));
+
+    const int32_t * op_params = (const int32_t *) dst->op_params;
+    const int n_dims     = op_params[GGML_ROPE_DPE_P_N_DIMS];
+    const int mode       = op_params[GGML_ROPE_DPE_P_MODE];
+    const int n_ctx_orig = op_params[GGML_ROPE_DPE_P_N_CTX_ORIG];
+    const int window     = op_params[GGML_ROPE_DPE_P_WINDOW];
+    const bool is_query  = op_params[GGML_ROPE_DPE_P_IS_QUERY] != 0;
+    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
+    memcpy(&freq_base,  op_params + GGML_ROPE_DPE_P_FREQ_BASE,  sizeof(float));
+    memcpy(&freq_scale, op_params + GGML_ROPE_DPE_P_FREQ_SCALE, sizeof(float));
+    memcpy(&ext_factor, op_params + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));
+    memcpy(&beta_fast,  op_params + GGML_ROPE_DPE_P_BETA_FAST,  sizeof(float));
+    memcpy(&beta_slow,  op_params + GGML_ROPE_DPE_P_BETA_SLOW,  sizeof(float));
+
+    GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
+    GGML_ASSERT(n_dims % 2 == 0 && n_dims <= src0->ne[0]);
+
+    const int64_t ne00 = src0->ne[0];
+    const int64_t ne01 = src0->ne[1];
+    const int64_t ne02 = src0->ne[2];
+    const int64_t nr   = ggml_nrows(src0);
+    const int n_group  = (int) (ne01/src2->ne[1]);
+
+    // host-side, exactly as the CPU kernel and ggml's rope compute them
+    const float theta_scale = powf(freq_base, -2.0f/n_dims);
+    float corr_dims[2];
+    ggml_rope_yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow, corr_dims);
+
+    const float * x     = (const float *) src0->data;
+    float       * y     = (float *) dst->data;
+    const int32_t * pos = (const int32_t *) src1->data;
+    const float * table = (const float *) src2->data;
+    const float * ff    = src3 ? (const float *) src3->data : nullptr;
+
+    const int64_t s01 = src0->nb[1]/sizeof(float);
+    const int64_t s02 = src0->nb[2]/sizeof(float);
+    const int64_t s03 = src0->nb[3]/sizeof(float);
+    const int64_t s_table = src2->nb[1]/sizeof(float);
+
+    cudaStream_t stream = ctx.stream();
+    if (mode == GGML_ROPE_TYPE_NEOX) {
+        rope_dpe_f32_cuda<true>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, is_query, stream);
+    } else {
+        rope_dpe_f32_cuda<false>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, is_query, stream);
+    }
+}

@@ -1,0 +1,75 @@
+#pragma once
+
+// Shared arithmetic of the GGML_OP_ROPE_DPE kernels (CPU: ggml-cpu-dpe.cpp, CUDA: ggml-cuda-dpe.cu).
+// Both kernels call these exact functions, so they compute the same angle for every (token, head, f).
+//
+// Precision. The rotation angle is delta * theta_f with |delta| up to ~1.3e5 at 128k context. A float
+// product (ggml's own rope style) has an error of up to ulp(1.3e5)/2 = 0.004 rad, and ggml's CPU
+// (iterated theta *= theta_scale) and CUDA (powf per thread, __sinf/__cosf under -use_fast_math, whose
+// error grows with |x|) do not agree at that level. Here theta_f is formed in double from ggml's own
+// float theta_scale (powf(freq_base, -2/n_dims), computed on the host in both kernels) by repeated
+// squaring (multiplications only: the same IEEE result on CPU and GPU), the product delta * theta_f is
+// formed in double and reduced to [-pi, pi] in double, and only then rounded to float for sinf/cosf.
+// The angle then carries ~1e-7 rad of error at any position: what remains is sin/cos rounding
+// (~6e-8 on the CPU; __sinf/__cosf on [-pi, pi] ~4e-7 on CUDA).
+
+#include <stdint.h>
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define GGML_DPE_HD static __host__ __device__ __forceinline__
+#else
+#define GGML_DPE_HD static inline
+#endif
+
+#define GGML_DPE_MAX_F 512 // most frequencies (n_dims/2) a head may have: bounds the CPU kernel's stack cache
+
+// floor(a / b) for b >= 1 and any sign of a (C division truncates toward zero)
+GGML_DPE_HD int32_t ggml_dpe_floor_div(int32_t a, int32_t b) {
+    int32_t q = a / b;
+    if ((a % b != 0) && (a < 0)) {
+        q -= 1;
+    }
+    return q;
+}
+
+// P(p, s) - p: key: floor(p/s) - p; query: floor(p/s) + w - floor(w/s) - p
+GGML_DPE_HD int64_t ggml_dpe_delta(int32_t p, int32_t s, int32_t w, bool is_query) {
+    int64_t P = ggml_dpe_floor_div(p, s);
+    if (is_query) {
+        P += (int64_t) w - ggml_dpe_floor_div(w, s);
+    }
+    return P - (int64_t) p;
+}
+
+// theta_f per unit position, in double: theta_scale^f / ff, times freq_scale mixed with the YaRN ramp as in
+// ggml's rope_yarn (theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix), without magnitude scaling.
+GGML_DPE_HD double ggml_dpe_rate(int f, float theta_scale, float ff, float freq_scale, float ext_factor,
+                                 float corr_low, float corr_high) {
+    // theta_scale^f by repeated squaring: only multiplications, identical on every IEEE machine
+    double r = 1.0;
+    double b = (double) theta_scale;
+    for (int e = f; e > 0; e >>= 1) {
+        if (e & 1) {
+            r *= b;
+        }
+        b *= b;
+    }
+    r /= (double) ff;
+
+    double mix = (double) freq_scale;
+    if (ext_factor != 0.0f) {
+        const double den  = fmax(0.001, (double) corr_high - (double) corr_low);
+        const double y    = ((double) f - (double) corr_low) / den;
+        const double ramp = (1.0 - fmin(1.0, fmax(0.0, y))) * (double) ext_factor;
+        mix = (double) freq_scale * (1.0 - ramp) + ramp;
+    }
+    return r * mix;
+}
+
+// delta * rate reduced to [-pi, pi], as float
+GGML_DPE_HD float ggml_dpe_angle(int64_t delta, double rate) {
+    const double two_pi = 6.283185307179586476925286766559;
+    const double a = (double) delta * rate;
+    return (float) (a - two_pi * rint(a / two_pi));
+}

@@ -1,0 +1,256 @@
+"""GGML_OP_ROPE_DPE (csrc/ggml-dpe.h) against a float64 NumPy reference of dpe-spec.md section 3.
+
+The op rotates vectors that ordinary RoPE already rotated at position `pos` so that frequency f ends
+up at DPE's position P(pos, sigma): key P_k(j, s) = floor(j/s), query P_q(i, s) = floor(i/s) + w - floor(w/s).
+
+Tolerance. Every check compares per rotated pair: |out - ref| / |pair| <= PAIR_TOL. The kernels form
+the angle delta * theta_f in double, reduce it to [-pi, pi] and round to float (<= 1.2e-7 rad), take a
+float sin/cos (CPU ~6e-8; CUDA __sinf/__cosf ~4e-7 on [-pi, pi]) and do the 2x2 rotation in float
+(~2 * 6e-8 relative). That is <= ~6e-7 of the pair's norm; PAIR_TOL = 2e-6 leaves margin. Any formula
+error moves an angle by at least one position step of the slowest frequency used (theta_f * 1 >= 1e-6 rad
+only for the lowest frequencies; in practice deltas are off by hundreds of positions), and the
+`test_tolerance_catches_wrong_formulas` test asserts the usual mistakes exceed PAIR_TOL by a wide margin.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+_native = pytest.importorskip("dpe_gguf._native", reason="dpe_gguf's native build is not installed")
+
+NORMAL, NEOX = 0, 2
+PAIR_TOL = 2e-6
+BACKENDS = ["cpu"] + (["cuda"] if _native.BUILD_INFO["cuda"] else [])
+
+
+# ---------------------------------------------------------------- float64 reference (spec section 3)
+
+def theta(n_dims, freq_base, freq_scale=1.0, ext_factor=0.0, beta_fast=32.0, beta_slow=1.0, n_ctx_orig=0,
+          freq_factors=None):
+    """theta_f, the model's angle per position for f = 0..F-1, as ggml's rope defines it.
+
+    theta_scale = freq_base^(-2/n_dims) is rounded to float32 as ggml computes it (both CPU and CUDA);
+    the rest is exact. freq_factors divide; YaRN mixes freq_scale with 1 by the ramp over corr dims."""
+    F = n_dims // 2
+    f = np.arange(F, dtype=np.float64)
+    theta_scale = float(np.float32(freq_base) ** (np.float32(-2.0) / np.float32(n_dims)))
+    rate = theta_scale ** f
+    if freq_factors is not None:
+        rate = rate / np.asarray(freq_factors, dtype=np.float64)
+    if ext_factor != 0.0:
+        def corr_dim(beta):
+            return n_dims * np.log(n_ctx_orig / (beta * 2 * np.pi)) / (2 * np.log(freq_base))
+        low = max(0.0, np.floor(corr_dim(beta_fast)))
+        high = min(n_dims - 1.0, np.ceil(corr_dim(beta_slow)))
+        ramp = (1.0 - np.clip((f - low) / max(0.001, high - low), 0.0, 1.0)) * ext_factor
+        return rate * (freq_scale * (1.0 - ramp) + ramp)
+    return rate * freq_scale
+
+
+def pairs(mode, n_dims):
+    """Dimension pair of frequency f: NORMAL (2f, 2f+1), NEOX (f, f + n_dims/2)."""
+    f = np.arange(n_dims // 2)
+    return (2 * f, 2 * f + 1) if mode == NORMAL else (f, f + n_dims // 2)
+
+
+def rotate(x, angle, mode, n_dims):
+    """Rotate pair f of x [T, H, D] by angle [T, H, F] (float64); dims beyond n_dims unchanged."""
+    x = np.asarray(x, dtype=np.float64)
+    ia, ib = pairs(mode, n_dims)
+    out = x.copy()
+    c, s = np.cos(angle), np.sin(angle)
+    out[..., ia] = x[..., ia] * c - x[..., ib] * s
+    out[..., ib] = x[..., ia] * s + x[..., ib] * c
+    return out
+
+
+def rope_np(x, p, mode, n_dims, rate):
+    """Ordinary RoPE at positions p: [T] (every frequency) or [T, H, F] (one per head and frequency)."""
+    p = np.asarray(p, dtype=np.float64)
+    if p.ndim == 1:
+        p = p[:, None, None]
+    return rotate(x, p * rate, mode, n_dims)
+
+
+def sigma_per_head(table, n_head):
+    """The divisor row of every query head: head h uses KV head h // (n_head / n_head_kv)."""
+    return table[np.arange(n_head) // (n_head // table.shape[0])]
+
+
+def dpe_positions(pos, sigma, window, is_query):
+    """P_k(j, s) = floor(j/s); P_q(i, s) = floor(i/s) + w - floor(w/s). pos [T], sigma [H, F] -> [T, H, F]."""
+    s = sigma.astype(np.int64)[None]
+    p = np.asarray(pos, dtype=np.int64)[:, None, None]
+    P = np.floor_divide(p, s)
+    if is_query:
+        P = P + window - np.floor_divide(window, s)
+    return P
+
+
+def rope_dpe_np(x_rot, pos, table, mode, n_dims, rate, window, is_query):
+    """The op: rotate already-rotated vectors by (P(pos, sigma) - pos) * theta_f."""
+    sigma = sigma_per_head(table, x_rot.shape[1])
+    delta = dpe_positions(pos, sigma, window, is_query) - np.asarray(pos, dtype=np.int64)[:, None, None]
+    return rotate(x_rot, delta * rate, mode, n_dims)
+
+
+# ---------------------------------------------------------------- helpers
+
+def pair_err(out, ref, mode, n_dims):
+    """max over rotated pairs of |out - ref| / |ref pair|, and max abs error on the copied dims."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    ia, ib = pairs(mode, n_dims)
+    d = np.hypot(out[..., ia] - ref[..., ia], out[..., ib] - ref[..., ib])
+    n = np.maximum(np.hypot(ref[..., ia], ref[..., ib]), 1e-30)
+    rest = np.setdiff1d(np.arange(out.shape[-1]), np.concatenate([ia, ib]))
+    rest_err = np.abs(out[..., rest] - ref[..., rest]).max() if rest.size else 0.0
+    return float((d / n).max()), float(rest_err)
+
+
+def random_table(rng, n_head_kv, F, scales=(1, 2, 3, 4, 8, 16, 32)):
+    return rng.choice(np.array(scales, dtype=np.float32), size=(n_head_kv, F))
+
+
+def run(x, pos, table, cfg, backend="cpu", **kw):
+    return _native.rope_dpe(x, pos, table, n_dims=cfg["n_dims"], mode=cfg["mode"], window=cfg["window"],
+                            is_query=cfg["is_query"], freq_base=cfg["freq_base"], freq_scale=cfg["freq_scale"],
+                            ext_factor=cfg["ext_factor"], beta_fast=32.0, beta_slow=1.0,
+                            n_ctx_orig=cfg["n_ctx_orig"], freq_factors=cfg["freq_factors"], backend=backend, **kw)
+
+
+def make_case(seed, mode, n_head, n_head_kv, head_dim, n_dims, is_query, ff, yarn, n_tokens=24):
+    rng = np.random.default_rng(seed)
+    F = n_dims // 2
+    pos = rng.integers(0, 100_000, size=n_tokens).astype(np.int32)
+    pos[:4] = [0, 1023, 1024, 99_999]  # window edges and the far end
+    cfg = dict(mode=mode, n_dims=n_dims, window=1024, is_query=is_query, freq_base=500000.0 if yarn else 10000.0,
+               freq_scale=0.25 if yarn else 1.0, ext_factor=1.0 if yarn else 0.0, n_ctx_orig=8192 if yarn else 0,
+               freq_factors=rng.uniform(0.9, 8.0, size=F).astype(np.float32) if ff else None)
+    x = rng.standard_normal((n_tokens, n_head, head_dim))  # un-rotated vectors (float64)
+    return x, pos, random_table(rng, n_head_kv, F), cfg
+
+
+def rate_of(cfg):
+    return theta(cfg["n_dims"], cfg["freq_base"], cfg["freq_scale"], cfg["ext_factor"], 32.0, 1.0,
+                 cfg["n_ctx_orig"], cfg["freq_factors"])
+
+
+CASES = [  # mode, n_head, n_head_kv, head_dim, n_dims
+    (NORMAL, 8, 8, 64, 64),    # MHA
+    (NORMAL, 8, 2, 128, 128),  # GQA 4 (llama 3)
+    (NEOX, 12, 4, 64, 64),     # GQA 3
+    (NEOX, 6, 2, 80, 32),      # n_dims < head dim (stablelm-like)
+    (NORMAL, 4, 1, 96, 64),    # MQA, n_dims < head dim
+]
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
+@pytest.mark.parametrize("ff", [False, True], ids=["noff", "ff"])
+@pytest.mark.parametrize("is_query", [False, True], ids=["key", "query"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+def test_matches_reference(case, is_query, ff, yarn, backend):
+    mode, n_head, n_head_kv, head_dim, n_dims = case
+    x, pos, table, cfg = make_case(hash((case, is_query, ff, yarn)) & 0xFFFF, mode, n_head, n_head_kv, head_dim,
+                                   n_dims, is_query, ff, yarn)
+    rate = rate_of(cfg)
+    x_rot = rope_np(x, pos, mode, n_dims, rate).astype(np.float32)  # what the model's rope produced
+
+    out = run(x_rot, pos, table, cfg, backend)
+    assert out.dtype == np.float32 and out.shape == x_rot.shape
+
+    # 1. rotation of the already-rotated vectors by the position delta
+    err, rest = pair_err(out, rope_dpe_np(x_rot, pos, table, mode, n_dims, rate, cfg["window"], is_query), mode, n_dims)
+    assert err <= PAIR_TOL and rest == 0.0, (err, rest)
+
+    # 2. equals rotating the un-rotated vectors directly to DPE's positions P (rotations compose)
+    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], is_query)
+    err, _ = pair_err(out, rope_np(x, P, mode, n_dims, rate), mode, n_dims)
+    assert err <= PAIR_TOL, err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [NORMAL, NEOX])
+@pytest.mark.parametrize("is_query", [False, True])
+def test_all_divisors_one_is_exact_copy(mode, is_query, backend):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((33, 8, 128)).astype(np.float32)
+    x[0, 0, :4] = [-0.0, 0.0, -0.0, np.float32(1e-40)]  # signed zeros and a denormal survive too
+    pos = rng.integers(0, 131_072, size=33).astype(np.int32)
+    table = np.ones((2, 48), np.float32)
+    out = _native.rope_dpe(x, pos, table, n_dims=96, mode=mode, window=1024, is_query=is_query,
+                           freq_base=500000.0, freq_factors=np.full(48, 3.0, np.float32), ext_factor=1.0,
+                           freq_scale=0.125, n_ctx_orig=8192, backend=backend)
+    assert np.array_equal(out.view(np.uint32), x.view(np.uint32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_view(backend):
+    x, pos, table, cfg = make_case(11, NEOX, 8, 2, 64, 64, True, True, False)
+    rate = rate_of(cfg)
+    x_rot = rope_np(x, pos, NEOX, 64, rate).astype(np.float32)
+    big = np.zeros((x.shape[0], 2 * x.shape[1], 96), np.float32)  # e.g. a view into a fused QKV tensor
+    big[:, ::2, 16:80] = x_rot
+    view = big[:, ::2, 16:80]
+    assert not view.flags.c_contiguous
+    out = run(view, pos, table, cfg, backend)
+    np.testing.assert_array_equal(out, run(x_rot, pos, table, cfg, backend))
+
+
+def test_threads_agree():
+    x, pos, table, cfg = make_case(5, NORMAL, 12, 4, 128, 128, False, False, True, n_tokens=37)
+    x_rot = rope_np(x, pos, NORMAL, 128, rate_of(cfg)).astype(np.float32)
+    one = run(x_rot, pos, table, cfg, n_threads=1)
+    for n in (2, 3, 5):
+        np.testing.assert_array_equal(run(x_rot, pos, table, cfg, n_threads=n), one)
+
+
+def test_negative_positions_floor():
+    """P_k(j, s) = floor(j/s) also for j < 0 (C division truncates; the op must floor)."""
+    x = np.random.default_rng(3).standard_normal((4, 2, 8)).astype(np.float32)
+    pos = np.array([-5, -4, -1, 7], np.int32)
+    table = np.full((1, 4), 4.0, np.float32)
+    cfg = dict(mode=NORMAL, n_dims=8, window=6, is_query=True, freq_base=10000.0, freq_scale=1.0, ext_factor=0.0,
+               n_ctx_orig=0, freq_factors=None)
+    out = run(x, pos, table, cfg)
+    err, _ = pair_err(out, rope_dpe_np(x, pos, table, NORMAL, 8, rate_of(cfg), 6, True), NORMAL, 8)
+    assert err <= PAIR_TOL
+
+
+@pytest.mark.skipif("cuda" not in BACKENDS, reason="build without CUDA")
+@pytest.mark.parametrize("case", CASES[:3])
+def test_cuda_matches_cpu(case):
+    mode, n_head, n_head_kv, head_dim, n_dims = case
+    x, pos, table, cfg = make_case(21, mode, n_head, n_head_kv, head_dim, n_dims, True, True, True, n_tokens=300)
+    x_rot = rope_np(x, pos, mode, n_dims, rate_of(cfg)).astype(np.float32)
+    err, rest = pair_err(run(x_rot, pos, table, cfg, "cuda"), run(x_rot, pos, table, cfg, "cpu"), mode, n_dims)
+    assert err <= PAIR_TOL and rest == 0.0, err
+
+
+def test_tolerance_catches_wrong_formulas():
+    """The usual mistakes land far outside PAIR_TOL: P_q and P_k swapped, the query head's index used as
+    the KV head, the rate without freq_factors, and the float64 base^(-2f/n) rate instead of ggml's float32
+    theta_scale (that last one by a smaller margin: it is a 1e-3..1e-2 rad effect at 1e5 positions)."""
+    x, pos, table, cfg = make_case(99, NORMAL, 8, 2, 128, 128, True, True, False)
+    rate = rate_of(cfg)
+    x_rot = rope_np(x, pos, NORMAL, 128, rate).astype(np.float32)
+    out = run(x_rot, pos, table, cfg)
+    ref = rope_dpe_np(x_rot, pos, table, NORMAL, 128, rate, 1024, True)
+    assert pair_err(out, ref, NORMAL, 128)[0] <= PAIR_TOL
+
+    swapped = rope_dpe_np(x_rot, pos, table, NORMAL, 128, rate, 1024, False)
+    assert pair_err(out, swapped, NORMAL, 128)[0] > 1e4 * PAIR_TOL
+
+    table_by_query_head = np.concatenate([table, table[::-1], table, table[::-1]])  # row h, not h // 4
+    assert not np.array_equal(sigma_per_head(table_by_query_head, 8), sigma_per_head(table, 8))
+    wrong_head = rope_dpe_np(x_rot, pos, table_by_query_head, NORMAL, 128, rate, 1024, True)
+    assert pair_err(out, wrong_head, NORMAL, 128)[0] > 1e4 * PAIR_TOL
+
+    no_ff = rope_dpe_np(x_rot, pos, table, NORMAL, 128, rate * cfg["freq_factors"], 1024, True)
+    assert pair_err(out, no_ff, NORMAL, 128)[0] > 1e4 * PAIR_TOL
+
+    exact_base = 10000.0 ** (-2.0 * np.arange(64) / 128) / cfg["freq_factors"]
+    assert pair_err(out, rope_dpe_np(x_rot, pos, table, NORMAL, 128, exact_base, 1024, True), NORMAL, 128)[0] > 10 * PAIR_TOL
