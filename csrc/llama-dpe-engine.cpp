@@ -270,11 +270,30 @@ void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_att
                          ggml_pad_ext(ctx, k_far, (int) d, 0, 0, 0, 0, 0, 0, 0), 2);
     ggml_format_name(k, "dpe_k-%d", il);
 
-    // values: the same V for both copies, in the non-transposed layout [d_v, n_head_kv, n_kv, n_stream]
+    // values: the same V for both copies, in the non-transposed layout [d_v, n_head_kv, n_kv, n_stream],
+    // zero-padded to the head dim of q'/k' (flash-attention kernels want equal K and V head dims);
+    // llama_dpe_attn_output drops the padding from the result
     const bool v_trans = v->nb[1] > v->nb[2];
     ggml_tensor * v32 = ggml_cast(ctx, v_trans ? ggml_permute(ctx, v, 2, 1, 0, 3) : v, GGML_TYPE_F32);
+    v32 = ggml_pad(ctx, v32, (int) (2*d - v32->ne[0]), 0, 0, 0);
     v = ggml_concat(ctx, v32, v32, 2);
     ggml_format_name(v, "dpe_v-%d", il);
 
     kq_mask = inp->dpe_kq_mask;
+}
+
+ggml_tensor * llama_dpe_attn_output(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
+                                    ggml_tensor * cur, int il) {
+    if (!g.hparams.dpe.active() || inp->dpe_kq_mask == nullptr) {
+        return cur;
+    }
+    // cur: [2*d_k*n_head, n_tokens], each head's first d_v values are the attention output
+    const int64_t d_v    = g.hparams.n_embd_head_v(il);
+    const int64_t n_head = g.hparams.n_head(il);
+    const int64_t d_pad  = cur->ne[0] / n_head;
+    GGML_ASSERT(d_pad*n_head == cur->ne[0] && d_pad >= d_v);
+    ggml_tensor * out = ggml_view_3d(g.ctx0, cur, d_v, n_head, cur->ne[1], d_pad*ggml_element_size(cur), cur->nb[1], 0);
+    out = ggml_cont_2d(g.ctx0, out, d_v*n_head, cur->ne[1]);
+    ggml_format_name(out, "dpe_kqv_out-%d", il);
+    return out;
 }

@@ -34,3 +34,8 @@ void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatc
 // merged attention inputs, so that one softmax runs over near (ordinary RoPE) and far (DPE) scores.
 void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
                           ggml_tensor *& q, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+
+// llm_graph_context::build_attn (KV cache), right after build_attn_mha: drop the zero padding that
+// llama_dpe_build_attn gave V, so the output has the model's own head size again.
+ggml_tensor * llama_dpe_attn_output(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
+                                    ggml_tensor * cur, int il);

