@@ -1,67 +1,73 @@
-"""Passkey retrieval through the patched llama.cpp (llama-cpp-python): stock vs DPE GGUFs.
+"""Passkey retrieval through the patched llama.cpp: stock vs DPE GGUFs, side by side.
 
 The classic filler ("The grass is green. ..."), a 5-digit key at evenly spaced depths, greedy
-decoding; a trial passes when the generated text contains the key. The prompt is the spec's
-anchor setup (dpe-spec.md section 6).
+decoding; a trial passes when the first generated tokens contain the key (dpe-spec.md section 6).
+Prompts are text, sized with the model's tokenizer; the runner is llama-completion (what users run).
 
-    python bench/passkey.py MODEL.gguf [MODEL.dpe.gguf ...] --lengths 16384,32768 --depths 5 --ngl 99 --fa
+    python bench/passkey.py MODEL.gguf [MODEL.dpe.gguf ...] --lengths 16384,32768 --depths 5 --ngl 99
+    python bench/passkey.py --write-prompts DIR MODEL.gguf --lengths ...   # prompts only (run elsewhere)
+    python bench/passkey.py --prompts DIR MODEL.gguf ...                    # run prompts written before
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import shutil
+import subprocess
 import sys
 import time
-
-import dpe_gguf  # noqa: F401  (before llama_cpp: the patched libllama)
-import llama_cpp
+from pathlib import Path
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         "I will quiz you about the important information there.\n\n")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
-def passkey_prompt(llm: llama_cpp.Llama, n_tokens: int, depth: float, key: int) -> list[int]:
-    """Token ids of a prompt of about n_tokens with the key at relative depth `depth`."""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    head, needle_ids, tail, filler = tok(TASK), tok(needle), tok(QUESTION), tok(FILLER)
-    budget = n_tokens - len(head) - len(needle_ids) - len(tail) - 1
-    body = (filler * (budget // len(filler) + 1))[:budget]
-    at = int(len(body) * depth)
-    bos = [llm.token_bos()] if llm.token_bos() >= 0 else []
-    return bos + head + body[:at] + needle_ids + body[at:] + tail
+def count_tokens(model: str):
+    """A function text -> number of tokens, with the model's own tokenizer (patched libllama)."""
+    import dpe_gguf  # noqa: F401
+    import llama_cpp
+    llm = llama_cpp.Llama(model, vocab_only=True, verbose=False)
+    return lambda s: len(llm.tokenize(s.encode(), add_bos=False))
 
 
-def run(model: str, lengths: list[int], depths: int, ngl: int, fa: bool, seed: int, dpe: str | None) -> list[dict]:
-    rows = []
-    n_ctx = max(lengths) + 64
-    overrides = {"dpe.window": 0} if dpe == "off" else None
-    llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_batch=2048, n_ubatch=512, n_gpu_layers=ngl, flash_attn=fa,
-                          verbose=False, kv_overrides=overrides)
+def passkey_prompt(n_tokens: int, depth: float, key: int, count) -> str:
+    """About n_tokens of filler with the key's sentence at relative depth `depth`."""
+    needle = NEEDLE.format(key=key)
+    per_filler = count(FILLER * 64) / 64
+    budget = n_tokens - count(TASK) - count(needle) - count(QUESTION) - 2
+    n_fill = max(int(budget / per_filler), 1)
+    at = int(round(n_fill * depth))
+    return TASK + FILLER * at + needle + FILLER * (n_fill - at) + QUESTION
+
+
+def make_trials(lengths, depths: int, seed: int, count) -> list[dict]:
     rng = random.Random(seed)
+    trials = []
     for n in lengths:
         for d in range(depths):
             depth = d / max(depths - 1, 1)
             key = rng.randint(10000, 99999)
-            ids = passkey_prompt(llm, n, depth, key)
-            llm.reset()
-            t0 = time.time()
-            out = llm.generate(ids, temp=0.0, top_k=1)
-            toks = []
-            for t in out:
-                if t == llm.token_eos() or len(toks) >= 8:
-                    break
-                toks.append(t)
-            text = llm.detokenize(toks).decode(errors="replace")
-            ok = str(key) in text
-            rows.append(dict(model=model, dpe=dpe or "file", length=n, depth=round(depth, 2), key=key,
-                             answer=text.strip(), ok=ok, seconds=round(time.time() - t0, 2)))
-            print(json.dumps(rows[-1]), flush=True)
-    llm.close()
-    return rows
+            trials.append(dict(length=n, depth=round(depth, 2), key=key,
+                               prompt=passkey_prompt(n, depth, key, count)))
+    return trials
+
+
+def run_cli(binary: str, model: str, trial: dict, ngl: int, fa: bool, extra: list[str]) -> dict:
+    prompt_file = Path(f"/tmp/passkey-{trial['length']}-{trial['key']}.txt")
+    prompt_file.write_text(trial["prompt"])
+    cmd = [binary, "-m", model, "-f", str(prompt_file), "-n", "8", "--temp", "0", "-no-cnv",
+           "--no-display-prompt", "-c", str(trial["length"] + 256), "-b", "2048", "-ub", "512",
+           "-ngl", str(ngl), "-fa", "on" if fa else "off", "--no-warmup", *extra]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    answer = res.stdout.strip()
+    return dict(model=Path(model).name, length=trial["length"], depth=trial["depth"], key=trial["key"],
+                answer=answer[:40], ok=res.returncode == 0 and str(trial["key"]) in answer,
+                rc=res.returncode, seconds=round(time.time() - t0, 2))
 
 
 def main(argv=None) -> int:
@@ -70,22 +76,38 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", default="16384,32768")
     ap.add_argument("--depths", type=int, default=5)
     ap.add_argument("--ngl", type=int, default=0)
-    ap.add_argument("--fa", action="store_true")
+    ap.add_argument("--fa", action="store_true", help="flash attention on")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cli", default=shutil.which("llama-completion") or "llama-completion")
+    ap.add_argument("--write-prompts", metavar="DIR", help="write the prompts (JSON) and stop")
+    ap.add_argument("--prompts", metavar="DIR", help="use prompts written by --write-prompts")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.prompts:
+        trials = json.loads((Path(args.prompts) / "passkey.json").read_text())
+        lengths = sorted({t["length"] for t in trials})
+    else:
+        trials = make_trials(lengths, args.depths, args.seed, count_tokens(args.models[0]))
+    if args.write_prompts:
+        Path(args.write_prompts).mkdir(parents=True, exist_ok=True)
+        (Path(args.write_prompts) / "passkey.json").write_text(json.dumps(trials))
+        return 0
     rows = []
     for m in args.models:
-        rows += run(m, lengths, args.depths, args.ngl, args.fa, args.seed, None)
-    print("\nmodel | " + " | ".join(str(n) for n in lengths))
+        for t in trials:
+            rows.append(run_cli(args.cli, m, t, args.ngl, args.fa, []))
+            print(json.dumps(rows[-1]), flush=True)
+    n_depths = len(trials) // len(lengths)
+    print("\n| model | " + " | ".join(str(n) for n in lengths) + " |")
+    print("| --- |" + " --- |" * len(lengths))
     for m in args.models:
-        cells = [f"{sum(r['ok'] for r in rows if r['model'] == m and r['length'] == n)}/{args.depths}"
+        name = Path(m).name
+        cells = [f"{sum(r['ok'] for r in rows if r['model'] == name and r['length'] == n)}/{n_depths}"
                  for n in lengths]
-        print(f"{m} | " + " | ".join(cells))
+        print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
