@@ -13,10 +13,13 @@
 //
 // so q'.k'_j = q.k_j for the near copy of cell j and q_far.k_far_j for the far copy, and the softmax
 // normalises both sets together: exactly the merged attention of the spec, with flash attention on or
-// off, any KV cache type (keys/values are read as F32), CPU or CUDA. KV memory is stock's; positions
-// are the cells' own, so seq_add / context shift stay exact. Cost: 4x the QK work and 2x the PV work
-// of stock attention; the fast path (a fused kernel over the window and the far cache) replaces this
-// without touching the cache or the inputs.
+// off, any KV cache type (keys/values are read as F32), CPU or CUDA. KV memory is stock's. Cost: 4x
+// the QK and PV work of stock attention; the fast path (a fused kernel over the window and the far
+// cache) replaces this without touching the cache or the inputs.
+//
+// Position shifts (seq_add, seq_div, context shift) are refused (patches/0004, llama-kv-cache.cpp):
+// DPE's positions floor(j/s) are not shift-invariant, so the values of shifted cells, computed by
+// earlier layers at the old positions, would no longer be what the shifted prompt computes.
 
 #include "llama-dpe-impl.h"
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -100,6 +103,71 @@ def test_flash_attention_and_kv_types(tiny32, type_kv):
     span = ref_dpe.max() - ref_dpe.min()
     assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (err_dpe, err_stock)
     assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (err_dpe, err_stock)
+
+
+@pytest.mark.parametrize("kv_unified", [True, False])
+def test_two_sequences_in_one_batch(tiny, kv_unified):
+    """Two sequences of different lengths decoded together (one KV stream, or one stream each):
+    each one's logits are the reference's for that sequence alone."""
+    plain, dpe, tokens, table = tiny
+    seqs = [tokens[:80], np.random.default_rng(11).integers(0, 256, 56)]
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = NGL
+    model = llama_cpp.llama_model_load_from_file(str(dpe).encode(), mparams)
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = 512, 256, 16, 2
+    cparams.n_threads = cparams.n_threads_batch = 2
+    cparams.type_k = cparams.type_v = F32
+    cparams.kv_unified = kv_unified
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    items = [(int(t), pos, seq) for seq, toks in enumerate(seqs) for pos, t in enumerate(toks)]
+    items.sort(key=lambda x: (x[1], x[2]))          # interleave the two sequences
+    batch = llama_cpp.llama_batch_init(len(items), 0, 1)
+    try:
+        for i, (tok, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, True
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(items)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(items), n_vocab))
+        logits = logits.astype(np.float64)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    for seq, toks in enumerate(seqs):
+        rows = [i for i, (_, _, s_) in enumerate(items) if s_ == seq]
+        ref = reference_logits(dpe, toks, dtype=torch.float64)
+        report = compare_logits(ref, logits[rows])
+        assert report.max_abs_diff < 1e-3 * (ref.max() - ref.min()), (seq, report)
+        assert report.argmax_agreement == 1.0, (seq, report)
+
+
+def test_position_shifts_are_refused(tiny):
+    """DPE positions (floor(j/s)) are not shift-invariant: cells moved by seq_add would keep layer
+    activations computed at their old positions. The cache says it cannot shift (llama-cli and
+    llama-server then skip context shift) and seq_add/seq_div stop with a message."""
+    plain, dpe, _, _ = tiny
+    code = textwrap.dedent(f"""
+        import dpe_gguf, llama_cpp
+        llm = llama_cpp.Llama({str(dpe)!r}, n_ctx=64, verbose=False)
+        llm.eval([1, 2, 3])
+        mem = llama_cpp.llama_get_memory(llm.ctx)
+        print("can_shift", llama_cpp.llama_memory_can_shift(mem), flush=True)
+        llama_cpp.llama_memory_seq_add(mem, 0, 0, -1, 0)
+        print("zero shift ok", flush=True)
+        llama_cpp.llama_memory_seq_add(mem, 0, 0, -1, 5)
+        print("shifted", flush=True)
+        """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "can_shift False" in res.stdout and "zero shift ok" in res.stdout, res.stdout + res.stderr
+    assert "shifted" not in res.stdout and res.returncode != 0
+    assert "cannot keep a DPE cache exact" in res.stderr
+    llm = llama_cpp.Llama(str(plain), n_ctx=64, verbose=False)
+    assert llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(llm.ctx))
+    llm.close()
 
 
 def test_dpe_off_switch_runs_plain_rope(tiny):
