@@ -109,18 +109,17 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
     GGML_ASSERT(ggml_is_contiguous(dst));
 
-    const int32_t * op_params = (const int32_t *) dst->op_params;
-    const int n_dims     = op_params[GGML_ROPE_DPE_P_N_DIMS];
-    const int mode       = op_params[GGML_ROPE_DPE_P_MODE];
-    const int n_ctx_orig = op_params[GGML_ROPE_DPE_P_N_CTX_ORIG];
-    const int window     = op_params[GGML_ROPE_DPE_P_WINDOW];
-    const bool is_query  = op_params[GGML_ROPE_DPE_P_IS_QUERY] != 0;
-    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
-    memcpy(&freq_base,  op_params + GGML_ROPE_DPE_P_FREQ_BASE,  sizeof(float));
-    memcpy(&freq_scale, op_params + GGML_ROPE_DPE_P_FREQ_SCALE, sizeof(float));
-    memcpy(&ext_factor, op_params + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));
-    memcpy(&beta_fast,  op_params + GGML_ROPE_DPE_P_BETA_FAST,  sizeof(float));
-    memcpy(&beta_slow,  op_params + GGML_ROPE_DPE_P_BETA_SLOW,  sizeof(float));
+    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
+    const int   n_dims     = p.n_dims;
+    const int   mode       = p.mode;
+    const int   n_ctx_orig = p.n_ctx_orig;
+    const int   window     = p.window;
+    const bool  is_query   = p.is_query;
+    const float freq_base  = p.freq_base;
+    const float freq_scale = p.freq_scale;
+    const float ext_factor = p.ext_factor;
+    const float beta_fast  = p.beta_fast;
+    const float beta_slow  = p.beta_slow;
 
     GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
     GGML_ASSERT(n_dims % 2 == 0 && n_dims <= src0->ne[0]);

@@ -13,7 +13,11 @@
 // The angle then carries ~1e-7 rad of error at any position: what remains is sin/cos rounding
 // (~6e-8 on the CPU; __sinf/__cosf on [-pi, pi] ~4e-7 on CUDA).
 
+#include "ggml-dpe.h"
+
+#include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 #include <math.h>
 
 #if defined(__CUDACC__)
@@ -72,4 +76,27 @@ GGML_DPE_HD float ggml_dpe_angle(int64_t delta, double rate) {
     const double two_pi = 6.283185307179586476925286766559;
     const double a = (double) delta * rate;
     return (float) (a - two_pi * rint(a / two_pi));
+}
+
+// The op_params of a GGML_OP_ROPE_DPE node (layout: enum ggml_rope_dpe_param), decoded on the host.
+struct ggml_rope_dpe_op_params {
+    int   n_dims, mode, n_ctx_orig, window;
+    bool  is_query;
+    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
+};
+
+static inline struct ggml_rope_dpe_op_params ggml_rope_dpe_get_op_params(const struct ggml_tensor * dst) {
+    const int32_t * op = (const int32_t *) dst->op_params;
+    struct ggml_rope_dpe_op_params p;
+    p.n_dims     = op[GGML_ROPE_DPE_P_N_DIMS];
+    p.mode       = op[GGML_ROPE_DPE_P_MODE];
+    p.n_ctx_orig = op[GGML_ROPE_DPE_P_N_CTX_ORIG];
+    p.window     = op[GGML_ROPE_DPE_P_WINDOW];
+    p.is_query   = op[GGML_ROPE_DPE_P_IS_QUERY] != 0;
+    memcpy(&p.freq_base,  op + GGML_ROPE_DPE_P_FREQ_BASE,  sizeof(float));
+    memcpy(&p.freq_scale, op + GGML_ROPE_DPE_P_FREQ_SCALE, sizeof(float));
+    memcpy(&p.ext_factor, op + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));
+    memcpy(&p.beta_fast,  op + GGML_ROPE_DPE_P_BETA_FAST,  sizeof(float));
+    memcpy(&p.beta_slow,  op + GGML_ROPE_DPE_P_BETA_SLOW,  sizeof(float));
+    return p;
 }
