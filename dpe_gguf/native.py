@@ -1,7 +1,6 @@
 """Where dpe-gguf's patched llama.cpp lives, and what it was built with."""
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 from pathlib import Path
@@ -38,17 +37,6 @@ def tool_path(name: str) -> Path:
     if not path.exists():
         raise NativeBuildMissing(f"{path} is missing: reinstall dpe-gguf (`pip install .`)")
     return path
-
-
-def patched_build_info(lib: ctypes.CDLL) -> str | None:
-    """The dpe build string of a loaded libllama, or None when it is a stock libllama."""
-    try:
-        fn = lib.llama_dpe_build_info
-    except AttributeError:
-        return None
-    fn.restype = ctypes.c_char_p
-    fn.argtypes = []
-    return fn().decode()
 
 
 def loaded_libllama_paths() -> list[str]:

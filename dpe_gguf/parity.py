@@ -54,20 +54,15 @@ def reference_logits(model, tokens, table=None, window: int | None = None, *,
 
 
 def _read_dpe_gguf(path) -> tuple[np.ndarray, int]:
-    """(rope_dpe.weight as (n_layer, n_head_kv, F) float32, dpe.window) of a DPE GGUF file.
+    """(rope_dpe.weight as (n_layer, n_head_kv, F) float32, dpe.window) of a DPE GGUF file."""
+    from .model_info import read_dpe
 
-    Kept alone so a shared reader can replace it.
-    """
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: t for t in reader.tensors}
-    if "dpe.window" not in reader.fields or "rope_dpe.weight" not in tensors:
+    found = read_dpe(path)
+    if found is None:
         raise ValueError(f"{path} is not a DPE GGUF (no dpe.window / rope_dpe.weight): pass the "
                          f"divisor table and window, or convert it with `dpe-gguf convert`")
-    t = tensors["rope_dpe.weight"]
-    table = np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-    return table, int(reader.fields["dpe.window"].contents())
+    params, table = found
+    return table, params.window
 
 
 @dataclass

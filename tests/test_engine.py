@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 import dpe_gguf  # noqa: E402  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
-from dpe_gguf import DPEParams, convert  # noqa: E402
+from dpe_gguf import DPEParams, convert, read_dpe  # noqa: E402
 from dpe_gguf.models import find_default_model  # noqa: E402
 from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
 from tiny_models import write_tiny_gguf  # noqa: E402
@@ -55,8 +55,8 @@ def make_tiny(d, arch, **sizes):
     write_tiny_gguf(plain, arch, **sizes)
     dpe = convert(plain, d / "tiny.dpe.gguf", DPEParams(window=WINDOW, group_scales=SCALES), progress=False)
     tokens = np.random.default_rng(7).integers(0, 256, N_PROMPT + N_DECODE)
-    from dpe_gguf.parity import _read_dpe_gguf
-    table, window = _read_dpe_gguf(dpe)
+    params, table = read_dpe(dpe)
+    window = params.window
     assert window == WINDOW and table.max() == max(SCALES)
     return plain, dpe, tokens, table
 
@@ -242,8 +242,7 @@ def test_smollm2_2k_tokens_window_256(tmp_path):
 
     eng_dpe, eng_stock = run(dpe), run(model)
     ref_dpe = reference_logits(dpe, tokens, chunk=512)
-    from dpe_gguf.parity import _read_dpe_gguf
-    table, _ = _read_dpe_gguf(dpe)
+    _, table = read_dpe(dpe)
     ref_plain = reference_logits(model, tokens, np.ones_like(table), 256, chunk=512)
 
     err_dpe = compare_logits(ref_dpe, eng_dpe)
