@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import upstream  # noqa: E402
 
-BASE_DEPENDENCIES = ["numpy>=1.24", "gguf==0.19.0", "tqdm>=4.60"]
+BASE_DEPENDENCIES = ["numpy>=1.24", "gguf==0.19.0", "tqdm>=4.60", "matplotlib>=3.7"]
 
 
 def dynamic_metadata(field: str, settings: dict | None = None) -> list[str]:

@@ -22,6 +22,20 @@ frequency), shape (n_layer, n_head_kv, F) where F = n_rot/2; query-head scores o
 highest-scoring frequencies of each (layer, KV head) (ties: lower frequency wins); the others get
 divisor 1."""
 
+_EVAL_TASKS = ("passkey", "multi_needle", "multi_key", "multi_value", "multi_query", "ppl")
+_EVAL_DESC = """\
+Run every (method, length, task) through the patched llama.cpp (llama-server / llama-perplexity)
+and print a table; write PREFIX.json (every trial) and PREFIX.png (accuracy vs length).
+
+methods: vanilla (plain RoPE), linear (--rope-scaling linear), ntk (--rope-freq-base B*F^(d/(d-2))),
+yarn (--rope-scaling yarn --yarn-orig-ctx L), selfextend (the DPE engine, every divisor F, window
+--se-window), dpe (MODEL's own DPE table, or --dpe-model). F is auto: the smallest power of two
+>= max(4, length / L), or fixed with NAME:F (e.g. yarn:8).
+
+example:
+  dpe-gguf eval model.gguf --dpe-model model.dpe.gguf --tasks passkey,multi_needle --lengths 4k,16k,32k --trials 20
+"""
+
 _CONVERT_EPILOG = f"""\
 example:
   {PROG} convert model.gguf --window 1024 --scales 2,2,4,4,8,8,16,16
@@ -122,6 +136,72 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import evalsuite as E
+    from .runtime import RunSettings, default_ngl, env_threads
+    from .models import default_model
+    model = Path(args.model) if args.model else default_model()
+    out = Path(args.out)
+    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    for p in (json_path, png_path):
+        if p.exists() and not args.force:
+            raise DPEError(f"{p} exists; pass --force to overwrite it or choose another --out")
+    cfg = E.EvalConfig(
+        model=model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        lengths=[E.parse_length(x) for x in args.lengths.split(",") if x.strip()],
+        methods=[E.MethodSpec.parse(m) for m in args.methods.split(",") if m.strip()],
+        trials=args.trials, seed=args.seed, dpe_model=Path(args.dpe_model) if args.dpe_model else None,
+        text=Path(args.text) if args.text else None, se_window=args.se_window,
+        settings=RunSettings(ngl=default_ngl() if args.ngl is None else args.ngl, flash_attn=args.fa == "on",
+                             threads=args.threads or env_threads()),
+        ppl_chunks=args.ppl_chunks)
+    if cfg.settings.ngl == 0:
+        print(f"{PROG}: running on the CPU (no CUDA in this build or -ngl 0): long contexts are slow; "
+              "a CUDA build runs the full table in minutes", file=sys.stderr)
+    rows: list[dict] = []
+
+    def save(row: dict) -> None:
+        rows.append(row)
+        E.write_json(json_path, cfg, rows)  # partial results survive an interruption
+    E.run_eval(cfg, on_row=save, progress=not args.quiet)
+    summary = E.summarize(rows)
+    print(E.format_tables(summary))
+    try:
+        E.plot(summary, png_path, title=f"{model.name}: {', '.join(m.label for m in cfg.methods)}")
+    except ImportError:
+        print(f"{PROG}: matplotlib is missing: no plot (`dpe-gguf report {json_path} --plot X.png` "
+              "draws it where matplotlib is installed)", file=sys.stderr)
+        print(f"wrote {json_path}")
+        return 0
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import evalsuite as E
+    rows: list[dict] = []
+    for f in args.runs:
+        try:
+            rows += E.load_rows(Path(f))
+        except (OSError, ValueError, KeyError) as e:
+            raise DPEError(f"{f}: not a results file of `dpe-gguf eval` ({e})") from None
+    summary = E.summarize(rows)
+    print(E.format_tables(summary))
+    if args.plot:
+        E.plot(summary, Path(args.plot), title=args.title or "")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(length=args.length, depth=args.depth, seed=args.seed, ngl=args.ngl, quiet=args.quiet)
+
+
 def _format_inspect(info: dict[str, Any]) -> str:
     rows = [
         ("file", info["file"]),
@@ -210,6 +290,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_strip)
+
+    p = sub.add_parser("eval", help="evaluate DPE against vanilla, linear, NTK, YaRN and Self-Extend",
+                       description=_EVAL_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="stock or DPE GGUF (default: embedded SmolLM2)")
+    p.add_argument("--dpe-model", metavar="FILE", help="the DPE GGUF of method dpe when MODEL has no DPE parameters")
+    p.add_argument("--tasks", default="passkey", help=f"comma list of {', '.join(_EVAL_TASKS)} (default: passkey)")
+    p.add_argument("--lengths", default="4k,8k,16k,32k", help="context lengths in tokens, e.g. 4k,8k,16k,32k,64k")
+    p.add_argument("--methods", default="vanilla,linear,ntk,yarn,selfextend,dpe",
+                   help="comma list; NAME:FACTOR fixes the factor (default: auto, see above)")
+    p.add_argument("--trials", type=int, default=5, help="samples per (task, length) (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", metavar="FILE", help="your own haystack/perplexity text (default: the shipped text)")
+    p.add_argument("--se-window", type=int, default=1024, help="Self-Extend window (default 1024)")
+    p.add_argument("--ppl-chunks", type=int, default=1, help="windows per perplexity cell (default 1)")
+    p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA, else 0)")
+    p.add_argument("-fa", "--fa", choices=("on", "off"), default="on", help="flash attention (default on)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
+    p.add_argument("--out", default="dpe-eval", metavar="PREFIX", help="writes PREFIX.json and PREFIX.png")
+    p.add_argument("--force", action="store_true", help="overwrite PREFIX.json/.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="tables and plot from results files of `dpe-gguf eval` (merged)",
+                       description="Merge the rows of one or more PREFIX.json files written by `dpe-gguf eval` "
+                                   "(e.g. methods run separately) and print the tables; --plot draws them.")
+    p.add_argument("runs", nargs="+", metavar="RUN.json")
+    p.add_argument("--plot", metavar="PNG", help="write the accuracy-vs-length plot here")
+    p.add_argument("--title", help="plot title")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="stock vs DPE on the embedded SmolLM2, past its trained context",
+                       description="Convert the embedded SmolLM2 (cached), hide a pass key in a prompt past "
+                                   "its trained 8k context, ask stock llama.cpp and DPE, print both answers.")
+    p.add_argument("--length", type=int, default=None, help="prompt tokens (default: 12288 on CPU, 32768 with CUDA)")
+    p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0 = start, 1 = end")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA, else 0)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("model", help="print the path of the embedded default model (SmolLM2-135M Q4_1)")
     p.set_defaults(func=cmd_model)

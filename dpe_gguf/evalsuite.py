@@ -1,0 +1,382 @@
+"""`dpe-gguf eval`: DPE against the context-extension methods users have today, side by side.
+
+Every method is a way of running the same GGUF in the patched llama.cpp:
+
+| method | how it runs |
+| --- | --- |
+| vanilla | the model as it is (plain RoPE; `--dpe off` for a DPE file) |
+| linear | `--rope-scaling linear --rope-scale F` (position interpolation) |
+| ntk | `--rope-freq-base B * F^(d / (d - 2))` (NTK-aware base scaling, d = rotated dims) |
+| yarn | `--rope-scaling yarn --rope-scale F --yarn-orig-ctx L` |
+| selfextend | the DPE engine with every divisor F and window `--se-window` (Self-Extend's grouped attention; stock llama.cpp's `--grp-attn-n` fails even at 4k, see the spec's anchor table) |
+| dpe | the DPE GGUF's own table (the input when it has one, else `--dpe-model`) |
+
+F is `auto` unless a method names it (`linear:8`): the smallest power of two that is at least
+max(4, length / L), the anchor table's settings (x4 up to 4L, x8 at 8L).
+
+Tasks come from :mod:`dpe_gguf.evaltasks` (seeded, reproducible); ``ppl`` is perplexity over
+natural text at each length (llama-perplexity, second half of each window scored).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dpe_gguf import evaltasks
+from dpe_gguf.errors import DPEError
+from dpe_gguf.model_info import ModelInfo, has_dpe, open_reader, read_model_info
+from dpe_gguf.runtime import RunSettings, Server, perplexity
+
+METHODS = ("vanilla", "linear", "ntk", "yarn", "selfextend", "dpe")
+TASKS = (*evaltasks.TASKS, "ppl")
+CACHE_DIR_NAME = "eval-models"
+
+
+def parse_length(text: str) -> int:
+    """'4k' -> 4096, '32768' -> 32768."""
+    t = text.strip().lower()
+    try:
+        n = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise DPEError(f"bad length {text!r}: give tokens, e.g. 4096 or 4k") from None
+    if n < 64:
+        raise DPEError(f"length {text!r} is too short (at least 64 tokens)")
+    return n
+
+
+def auto_factor(length: int, context_length: int) -> int:
+    need = max(4.0, length / context_length)
+    return 1 << math.ceil(math.log2(need))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name with an optional fixed factor (`yarn:8`); factor None means auto per length."""
+    name: str
+    factor: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        name, _, f = text.strip().partition(":")
+        if name not in METHODS:
+            raise DPEError(f"unknown method {name!r}; methods: {', '.join(METHODS)} (optionally NAME:FACTOR)")
+        if f and name in ("vanilla", "dpe"):
+            raise DPEError(f"method {name} takes no factor")
+        factor = None
+        if f:
+            try:
+                factor = int(f)
+            except ValueError:
+                raise DPEError(f"bad factor in {text!r}: an integer >= 1") from None
+            if factor < 1:
+                raise DPEError(f"bad factor in {text!r}: an integer >= 1")
+        return cls(name, factor)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.factor is None else f"{self.name}:{self.factor}"
+
+
+@dataclass
+class Resolved:
+    """What one (method, length) runs: a model file and llama.cpp flags."""
+    method: str
+    factor: int | None
+    model: Path
+    args: list[str]
+
+    @property
+    def key(self) -> tuple:
+        return (str(self.model), tuple(self.args))
+
+
+class Methods:
+    """Turns method names into llama.cpp runs for one input model (converting Self-Extend copies
+    into a cache folder as needed)."""
+
+    def __init__(self, model: str | Path, dpe_model: str | Path | None, cache_dir: Path,
+                 se_window: int = 1024, progress: bool = True):
+        self.model = Path(model)
+        self.info: ModelInfo = read_model_info(self.model)
+        self.input_has_dpe = has_dpe(open_reader(self.model))
+        self.dpe_model = Path(dpe_model) if dpe_model else (self.model if self.input_has_dpe else None)
+        if self.dpe_model is not None and not has_dpe(open_reader(self.dpe_model)):
+            raise DPEError(f"{self.dpe_model} has no DPE parameters: convert it first (`dpe-gguf convert`)")
+        self.cache_dir = cache_dir
+        L = self.info.context_length
+        self.se_window = se_window if se_window < L else L // 4
+        self.progress = progress
+
+    def context_args(self, n_ctx: int) -> list[str]:
+        """llama-server caps a slot at the model's trained context (upstream, every method alike);
+        raising the context_length metadata lifts the cap and changes no RoPE math (YaRN gets its
+        original context explicitly)."""
+        if n_ctx <= self.info.context_length:
+            return []
+        return ["--override-kv", f"{self.info.arch}.context_length=int:{n_ctx}"]
+
+    def _plain(self) -> tuple[Path, list[str]]:
+        return self.model, (["--dpe", "off"] if self.input_has_dpe else [])
+
+    def _input_tag(self) -> str:
+        st = self.model.stat()
+        h = hashlib.sha256(f"{self.model.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return h[:16]
+
+    def selfextend_model(self, factor: int) -> Path:
+        """A copy of the model with a uniform divisor table (cached)."""
+        from dpe_gguf.convert import convert, strip
+        from dpe_gguf.params import DPEParams
+        folder = self.cache_dir / CACHE_DIR_NAME / self._input_tag()
+        out = folder / f"selfextend-{factor}-w{self.se_window}.dpe.gguf"
+        if out.exists():
+            return out
+        folder.mkdir(parents=True, exist_ok=True)
+        src = self.model
+        if self.input_has_dpe:
+            src = folder / "stock.gguf"
+            if not src.exists():
+                strip(self.model, src, progress=False)
+        convert(src, out, DPEParams(window=self.se_window, group_scales=(factor,),
+                                    calibration=f"eval: uniform divisor {factor} (Self-Extend)"),
+                progress=False)
+        return out
+
+    def resolve(self, spec: MethodSpec, length: int) -> Resolved:
+        L = self.info.context_length
+        factor = spec.factor or auto_factor(length, L)
+        if spec.name == "vanilla":
+            m, a = self._plain()
+            return Resolved("vanilla", None, m, a)
+        if spec.name == "linear":
+            m, a = self._plain()
+            return Resolved(spec.name, factor, m, a + ["--rope-scaling", "linear", "--rope-scale", str(factor)])
+        if spec.name == "ntk":
+            m, a = self._plain()
+            d = self.info.n_rot
+            base = self.info.freq_base * factor ** (d / (d - 2))
+            return Resolved(spec.name, factor, m, a + ["--rope-freq-base", f"{base:.1f}"])
+        if spec.name == "yarn":
+            m, a = self._plain()
+            return Resolved(spec.name, factor, m, a + ["--rope-scaling", "yarn", "--rope-scale", str(factor),
+                                                       "--yarn-orig-ctx", str(L)])
+        if spec.name == "selfextend":
+            return Resolved(spec.name, factor, self.selfextend_model(factor), [])
+        if spec.name == "dpe":
+            if self.dpe_model is None:
+                raise DPEError(f"method dpe needs a DPE model: {self.model} has no DPE parameters; pass "
+                               "--dpe-model FILE (from `dpe-gguf convert`) or evaluate the DPE file itself")
+            return Resolved("dpe", None, self.dpe_model, [])
+        raise AssertionError(spec)
+
+
+@dataclass
+class EvalConfig:
+    model: Path
+    tasks: list[str]
+    lengths: list[int]
+    methods: list[MethodSpec]
+    trials: int = 5
+    seed: int = 0
+    dpe_model: Path | None = None
+    text: Path | None = None
+    se_window: int = 1024
+    settings: RunSettings = field(default_factory=RunSettings)
+    cache_dir: Path = Path.home() / ".cache" / "dpe-gguf"
+    ppl_chunks: int = 1
+
+
+def _check(cfg: EvalConfig) -> None:
+    bad = [t for t in cfg.tasks if t not in TASKS]
+    if bad:
+        raise DPEError(f"unknown task(s) {', '.join(bad)}; tasks: {', '.join(TASKS)}")
+    if cfg.trials < 1:
+        raise DPEError("--trials must be at least 1")
+    if not cfg.methods or not cfg.lengths or not cfg.tasks:
+        raise DPEError("need at least one method, length and task")
+
+
+def make_all_samples(cfg: EvalConfig, count: Callable[[str], int], haystack: str) -> dict:
+    """{(task, length): [Sample]} for every generation task."""
+    out = {}
+    for task in cfg.tasks:
+        if task == "ppl":
+            continue
+        for n in cfg.lengths:
+            try:
+                out[(task, n)] = evaltasks.make_samples(task, n, cfg.trials, cfg.seed, count, haystack)
+            except ValueError as e:
+                raise DPEError(f"{task} at {n} tokens: {e}") from None
+    return out
+
+
+def _ppl_text(path: Path, haystack: str, count: Callable[[str], int], n_ctx: int, chunks: int) -> Path:
+    """The haystack repeated until it holds llama-perplexity's 2 * n_ctx tokens (only the first
+    `chunks` windows are scored; they repeat nothing while the haystack is longer than them)."""
+    need = max(2, chunks) * n_ctx + 64
+    have = count(haystack)
+    reps = max(1, math.ceil(need / max(have, 1)))
+    path.write_text("\n\n".join([haystack] * reps))
+    return path
+
+
+def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+    """Run every (method, length, task, trial); return one row per trial (and per ppl cell)."""
+    _check(cfg)
+    haystack = evaltasks.load_haystack(cfg.text)
+    methods = Methods(cfg.model, cfg.dpe_model, cfg.cache_dir, cfg.se_window)
+    base_model, base_args = methods._plain()
+    # Prompts are sized with the model's own tokenizer (llama-server's /tokenize).
+    with Server(base_model, 256, base_args, RunSettings(ngl=0, flash_attn=False, threads=cfg.settings.threads)) as tok:
+        count = lambda s: len(tok.tokenize(s))  # noqa: E731
+        samples = make_all_samples(cfg, count, haystack)
+        ppl_files = {}
+        if "ppl" in cfg.tasks:
+            import tempfile
+            tmp = Path(tempfile.mkdtemp(prefix="dpe-eval-ppl-"))
+            for n in cfg.lengths:
+                ppl_files[n] = _ppl_text(tmp / f"text-{n}.txt", haystack, count, n, cfg.ppl_chunks)
+
+    gen_tasks = [t for t in cfg.tasks if t != "ppl"]
+    total = len(cfg.methods) * len(cfg.lengths) * (len(gen_tasks) * cfg.trials + ("ppl" in cfg.tasks))
+    from tqdm import tqdm
+    bar = tqdm(total=total, disable=not progress, unit="run", file=sys.stderr, dynamic_ncols=True)
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        bar.update(1)
+
+    try:
+        for spec in cfg.methods:
+            for n in cfg.lengths:
+                r = methods.resolve(spec, n)
+                bar.set_postfix_str(f"{spec.label} @ {n}")
+                common = dict(method=spec.label, factor=r.factor, model=r.model.name, args=" ".join(r.args), length=n)
+                if gen_tasks:
+                    max_new = max(s.max_tokens for t in gen_tasks for s in samples[(t, n)])
+                    n_ctx = n + max_new + 64
+                    with Server(r.model, n_ctx, r.args + methods.context_args(n_ctx), cfg.settings) as srv:
+                        for task in gen_tasks:
+                            for s in samples[(task, n)]:
+                                t0 = time.time()
+                                out = srv.complete(s.prompt, s.max_tokens)
+                                emit(dict(common, task=task, trial=s.index, depth=s.depth,
+                                          score=evaltasks.score(s, out["text"]), answers=list(s.answers),
+                                          output=out["text"][:200], prompt_tokens=out["prompt_tokens"],
+                                          seconds=round(time.time() - t0, 3)))
+                if "ppl" in cfg.tasks:
+                    t0 = time.time()
+                    ppl, _ = perplexity(r.model, ppl_files[n], n, cfg.ppl_chunks, r.args, cfg.settings)
+                    emit(dict(common, task="ppl", trial=0, depth=None, score=ppl, answers=[], output="",
+                              prompt_tokens=n, seconds=round(time.time() - t0, 3)))
+    finally:
+        bar.close()
+    return rows
+
+
+# ---------------------------------------------------------------- reports
+
+def summarize(rows: Iterable[dict]) -> dict:
+    """{task: {method: {length: (mean score, n trials)}}}, in first-seen order."""
+    acc: dict = {}
+    for r in rows:
+        cell = acc.setdefault(r["task"], {}).setdefault(r["method"], {}).setdefault(r["length"], [])
+        cell.append(r["score"])
+    return {t: {m: {n: (sum(v) / len(v), len(v)) for n, v in by_len.items()} for m, by_len in by_m.items()}
+            for t, by_m in acc.items()}
+
+
+def _len_label(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def format_tables(summary: dict) -> str:
+    """Markdown tables, one per task: passkey cells as passed/trials, other tasks as mean score,
+    perplexity as a number."""
+    out = []
+    for task, by_m in summary.items():
+        lengths = sorted({n for by_len in by_m.values() for n in by_len})
+        out.append(f"### {task}\n")
+        out.append("| method | " + " | ".join(_len_label(n) for n in lengths) + " |")
+        out.append("| --- |" + " --- |" * len(lengths))
+        for m, by_len in by_m.items():
+            cells = []
+            for n in lengths:
+                if n not in by_len:
+                    cells.append("")
+                    continue
+                mean, k = by_len[n]
+                if task == "ppl":
+                    cells.append(f"{mean:.3g}")
+                elif task == "passkey":
+                    cells.append(f"{round(mean * k)}/{k}")
+                else:
+                    cells.append(f"{mean:.2f}")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(summary: dict, path: Path, title: str = "") -> Path:
+    """One panel per task: score (or perplexity, log scale) against context length, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(summary)
+    cols = min(3, len(tasks))
+    rows_n = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for m, by_len in summary[task].items():
+            xs = sorted(by_len)
+            ax.plot(xs, [by_len[x][0] for x in xs], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({x for b in summary[task].values() for x in b}))
+        ax.set_xticklabels([_len_label(x) for x in ax.get_xticks()])
+        ax.set_xlabel("context length (tokens)")
+        if task == "ppl":
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity")
+        else:
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel("accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
+    meta = dict(model=str(cfg.model), dpe_model=str(cfg.dpe_model) if cfg.dpe_model else None,
+                tasks=cfg.tasks, lengths=cfg.lengths, methods=[m.label for m in cfg.methods], trials=cfg.trials,
+                seed=cfg.seed, text=str(cfg.text) if cfg.text else None, se_window=cfg.se_window,
+                settings=asdict(cfg.settings))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(config=meta, rows=rows), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_rows(path: Path) -> list[dict]:
+    data: Any = json.loads(Path(path).read_text())
+    return data["rows"] if isinstance(data, dict) else data
