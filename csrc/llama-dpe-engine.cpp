@@ -91,7 +91,17 @@ void llama_dpe_load_hparams(llama_model_loader & ml, llama_model_base & model) {
                                      "run the model without DPE (--dpe off)");
         }
     }
-    LLAMA_LOG_INFO("%s: DPE on, window = %u\n", __func__, window);
+    // A DPE model serves its target context: programs that default to or cap at the trained context
+    // (llama-cli -c 0, llama-server's per-slot cap) see the target. RoPE itself never reads n_ctx_train
+    // past this point (YaRN's original context was taken from it before), so nothing else changes.
+    uint32_t target = 0;
+    ml.get_key("dpe.target_context_length", target, false);
+    if (target > hp.n_ctx_train) {
+        LLAMA_LOG_INFO("%s: DPE on, window = %u, context %u (trained %u)\n", __func__, window, target, hp.n_ctx_train);
+        hp.n_ctx_train = target;
+    } else {
+        LLAMA_LOG_INFO("%s: DPE on, window = %u\n", __func__, window);
+    }
 }
 
 void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model) {
