@@ -246,6 +246,29 @@ void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatc
     ggml_backend_tensor_set(inp->dpe_pos_kv,  pos_kv.data(), 0, ggml_nbytes(inp->dpe_pos_kv));
 }
 
+// Zero-pads every row (dim 0) of the contiguous tensor x by `before` and `after` elements.
+// CUDA's pad kernel puts dims 1 and 2*3 on grid axes limited to 65535, which a cache of 64k cells
+// exceeds; the rows are regrouped as [ne0, a, b] with a, b <= 65535 around the pad (same bytes).
+static ggml_tensor * dpe_pad_rows(ggml_context * ctx, ggml_tensor * x, int before, int after) {
+    const int64_t limit = 65535;
+    const int64_t rows  = ggml_nrows(x);
+    int64_t a = 0;
+    if (ggml_is_contiguous(x) && (x->ne[1] > limit || x->ne[2]*x->ne[3] > limit)) {
+        for (int64_t c = std::max<int64_t>(1, (rows + limit - 1)/limit); c <= limit; ++c) {
+            if (rows % c == 0 && rows/c <= limit) {
+                a = c;
+                break;
+            }
+        }
+    }
+    if (a == 0) {
+        return ggml_pad_ext(ctx, x, before, after, 0, 0, 0, 0, 0, 0);
+    }
+    ggml_tensor * y = ggml_reshape_3d(ctx, x, x->ne[0], a, rows/a);
+    y = ggml_pad_ext(ctx, y, before, after, 0, 0, 0, 0, 0, 0);
+    return ggml_reshape_4d(ctx, y, y->ne[0], x->ne[1], x->ne[2], x->ne[3]);
+}
+
 void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
                           ggml_tensor *& q, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
     const auto & dpe = g.hparams.dpe;
@@ -279,8 +302,7 @@ void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_att
     ggml_tensor * k32   = ggml_cast(ctx, k, GGML_TYPE_F32);
     ggml_tensor * k_far = rope_dpe(ggml_reshape_3d(ctx, k32, d, n_h_kv, n_kv*n_strm), inp->dpe_pos_kv, false);
     k_far = ggml_reshape_4d(ctx, k_far, d, n_h_kv, n_kv, n_strm);
-    k = ggml_concat(ctx, ggml_pad(ctx, k32, (int) d, 0, 0, 0),
-                         ggml_pad_ext(ctx, k_far, (int) d, 0, 0, 0, 0, 0, 0, 0), 2);
+    k = ggml_concat(ctx, dpe_pad_rows(ctx, k32, 0, (int) d), dpe_pad_rows(ctx, k_far, (int) d, 0), 2);
     ggml_format_name(k, "dpe_k-%d", il);
 
     // values: the same V for both copies, in the non-transposed layout [d_v, n_head_kv, n_kv, n_stream],
@@ -288,7 +310,7 @@ void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_att
     // llama_dpe_attn_output drops the padding from the result
     const bool v_trans = v->nb[1] > v->nb[2];
     ggml_tensor * v32 = ggml_cast(ctx, v_trans ? ggml_permute(ctx, v, 2, 1, 0, 3) : v, GGML_TYPE_F32);
-    v32 = ggml_pad(ctx, v32, (int) (2*d - v32->ne[0]), 0, 0, 0);
+    v32 = dpe_pad_rows(ctx, v32, 0, (int) (2*d - v32->ne[0]));
     v = ggml_concat(ctx, v32, v32, 2);
     ggml_format_name(v, "dpe_v-%d", il);
 
