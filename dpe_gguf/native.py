@@ -66,3 +66,23 @@ def setup_llama_cpp() -> None:
             f"LLAMA_CPP_LIB_PATH={current} points at another llama.cpp build; dpe-gguf needs "
             f"{LIB_DIR}. Unset it or set it to that folder.")
     os.environ["LLAMA_CPP_LIB_PATH"] = str(LIB_DIR)
+    _preload_libstdcxx()
+
+
+def _preload_libstdcxx() -> None:
+    """Put the system C++ runtime first in the process's global symbol scope (Linux).
+
+    A CUDA build's libggml-cuda.so exports ~1,400 std:: symbols of its own (CUDA 13's static
+    libraries bring a copy). llama.cpp's programs need libstdc++ directly, so the dynamic linker
+    finds the system copy first; python does not, so when llama_cpp loads the libraries with ctypes
+    libllama's std::regex resolves into libggml-cuda's copy and crashes while loading any
+    vocabulary (seen on the H100 machine: SIGSEGV after init_tokenizer). Loading libstdc++ with
+    RTLD_GLOBAL first restores the programs' order. Harmless where the library is already loaded.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=getattr(os, "RTLD_GLOBAL", 0x100))
+    except OSError:
+        pass  # no system libstdc++ (static toolchains): nothing to put first
