@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -188,7 +190,8 @@ class EvalConfig:
     text: Path | None = None
     se_window: int = 1024
     settings: RunSettings = field(default_factory=RunSettings)
-    cache_dir: Path = Path.home() / ".cache" / "dpe-gguf"
+    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("DPE_GGUF_CACHE")
+                                                         or Path.home() / ".cache" / "dpe-gguf"))
     ppl_chunks: int = 1
 
 
@@ -217,12 +220,13 @@ def make_all_samples(cfg: EvalConfig, count: Callable[[str], int], haystack: str
 
 
 def _ppl_text(path: Path, haystack: str, count: Callable[[str], int], n_ctx: int, chunks: int) -> Path:
-    """The haystack repeated until it holds llama-perplexity's 2 * n_ctx tokens (only the first
-    `chunks` windows are scored; they repeat nothing while the haystack is longer than them)."""
-    need = max(2, chunks) * n_ctx + 64
-    have = count(haystack)
-    reps = max(1, math.ceil(need / max(have, 1)))
-    path.write_text("\n\n".join([haystack] * reps))
+    """About llama-perplexity's 2 * n_ctx tokens of the haystack, repeated if it is shorter (only the
+    first `chunks` windows are scored; they repeat nothing while the haystack is longer than them)."""
+    need = max(2, chunks) * n_ctx + 256
+    chars_per_token = len(haystack) / max(count(haystack), 1)
+    n_chars = int(need * chars_per_token * 1.1) + 1
+    text = ("\n\n".join([haystack] * (n_chars // len(haystack) + 1)))[:n_chars]
+    path.write_text(text)
     return path
 
 
@@ -237,6 +241,7 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
         count = lambda s: len(tok.tokenize(s))  # noqa: E731
         samples = make_all_samples(cfg, count, haystack)
         ppl_files = {}
+        tmp = None
         if "ppl" in cfg.tasks:
             import tempfile
             tmp = Path(tempfile.mkdtemp(prefix="dpe-eval-ppl-"))
@@ -280,6 +285,8 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
                               prompt_tokens=n, seconds=round(time.time() - t0, 3)))
     finally:
         bar.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 

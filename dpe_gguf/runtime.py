@@ -70,7 +70,7 @@ class Server:
 
     def command(self) -> list[str]:
         return [str(tool_path("llama-server")), "-m", str(self.model), "-c", str(self.n_ctx), "-np", "1",
-                "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--no-warmup",
+                "--host", "127.0.0.1", "--port", str(self.port), "--no-webui", "--no-warmup", "-lv", "4",
                 *self.settings.args(), *self.extra_args]
 
     @property
@@ -98,7 +98,7 @@ class Server:
                                f"{self.log[-3000:]}")
             time.sleep(0.1)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type=None, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -107,6 +107,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._logf.close()
+        if exc_type is None:  # keep the log of a failed run for the error message / the user
+            Path(self._logf.name).unlink(missing_ok=True)
 
     def _post(self, path: str, body: dict, timeout: float = 3600.0) -> dict:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
@@ -132,8 +134,8 @@ class Server:
         res = self._post("/completion", {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0,
                                          "top_k": 1, "seed": 0, "cache_prompt": True, "stream": False})
         timings = res.get("timings", {})
-        return dict(text=res["content"], prompt_tokens=timings.get("prompt_n", res.get("tokens_evaluated")),
-                    cached_tokens=res.get("tokens_cached"), prompt_ms=timings.get("prompt_ms"),
+        return dict(text=res["content"], prompt_tokens=res.get("tokens_evaluated"),
+                    cached_tokens=timings.get("cache_n"), prompt_ms=timings.get("prompt_ms"),
                     predicted_ms=timings.get("predicted_ms"))
 
 
