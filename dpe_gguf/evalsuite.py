@@ -385,5 +385,10 @@ def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
 
 
 def load_rows(path: Path) -> list[dict]:
+    """The rows of a results file written by :func:`write_json` (ValueError for anything else)."""
     data: Any = json.loads(Path(path).read_text())
-    return data["rows"] if isinstance(data, dict) else data
+    rows = data.get("rows") if isinstance(data, dict) else None
+    need = {"task", "method", "length", "score"}
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and need <= r.keys() for r in rows):
+        raise ValueError("no eval rows (task, method, length, score) in it")
+    return rows
