@@ -78,12 +78,58 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     from .params import DPEParams
 
-    params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
-                       target_context=args.target_context, calibration=args.calibration)
-    out = convert(args.input, args.output, params=params, scores=args.scores, force=args.force,
+    scores = args.scores
+    if args.from_calibration or args.scales is None:
+        from .calibrate import Calibration, calibrate
+        if args.from_calibration:
+            cal = Calibration.load(args.from_calibration)
+        else:
+            if args.target_context is None:
+                raise DPEError("give --scales (and --window), --from-calibration FILE, or --target-context T "
+                               "to calibrate automatically")
+            if args.output is None or not args.force:
+                from .convert import _check_output, default_output
+                from pathlib import Path
+                _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
+                              args.force)   # refuse before spending the calibration time
+            cal = calibrate(args.input, args.target_context, window=args.window, topk=args.topk,
+                            quick=args.quick, quiet=args.quiet)
+        params = cal.params()
+        if args.calibration:
+            params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
+        scores = cal.score_array()
+    else:
+        if args.window is None:
+            raise DPEError("--scales needs --window W (the local window)")
+        params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
+                           target_context=args.target_context, calibration=args.calibration)
+    out = convert(args.input, args.output, params=params, scores=scores, force=args.force,
                   progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``dpe-gguf calibrate``."""
+    from pathlib import Path
+
+    from .calibrate import calibrate, format_detection
+    from .model_info import read_model_info
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise DPEError(f"{out} exists; pass --force to overwrite it")
+    scales = _parse_scales(args.scales) if args.scales else None
+    cal = calibrate(args.model, args.target_context, window=args.window, topk=args.topk, n_groups=args.groups,
+                    text=Path(args.text) if args.text else None, trials=args.trials, seed=args.seed,
+                    quick=args.quick, ngl=args.ngl, scales=scales, select_frequencies=not args.no_select,
+                    task=args.task, quiet=args.quiet)
+    cal.save(out)
+    if cal.detection:
+        print(format_detection(cal, read_model_info(args.model).context_length))
+    print(f"group scales: {','.join(map(str, cal.group_scales))}  window {cal.window}  top-k "
+          f"{cal.topk if cal.scores is not None else 'all'}  ({cal.seconds:.0f} s)")
+    print(f"wrote {out}; `{PROG} convert {args.model} --from-calibration {out}` writes the DPE GGUF")
     return 0
 
 
@@ -258,10 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN.gguf")
     p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: IN.dpe.gguf)")
-    p.add_argument("--window", type=int, required=True, metavar="W",
-                   help="local window: keys closer than W use ordinary RoPE (1 <= W < trained context)")
-    p.add_argument("--scales", required=True, metavar="S0,...,S{G-1}",
-                   help="integer position divisor (>= 1) of each of the G frequency groups")
+    p.add_argument("--window", type=int, metavar="W",
+                   help="local window: keys closer than W use ordinary RoPE (1 <= W < trained context; "
+                        "calibration default: min(1024, L/8))")
+    p.add_argument("--scales", metavar="S0,...,S{G-1}",
+                   help="integer position divisor (>= 1) of each of the G frequency groups; without it, "
+                        "--target-context T calibrates them (see `dpe-gguf calibrate`)")
+    p.add_argument("--from-calibration", metavar="FILE", help="parameters measured by `dpe-gguf calibrate`")
+    p.add_argument("--quick", action="store_true", help="calibration: 3 divisors per group, 2 trials")
     p.add_argument("--topk", type=int, metavar="K",
                    help="scale only the K highest-scoring frequencies per layer and KV head (needs --scores)")
     p.add_argument("--scores", metavar="FILE", help="per-(layer, KV head, frequency) scores, .npy (see below)")
@@ -273,6 +323,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite OUT if it exists; replace DPE parameters already in IN")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("calibrate", help="measure DPE parameters for a model (selection + detection)",
+                       description="Key-frequency selection on ordinary text and per-group effective lengths "
+                                   "by a multi-needle sweep at the target length, both through the patched "
+                                   "llama.cpp (dpe-spec.md section 4). Results are cached by model sha256 "
+                                   "and settings; an interrupted run resumes.")
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("--target-context", type=int, required=True, metavar="T", help="context to calibrate for")
+    p.add_argument("-o", "--output", default="calibration.json", metavar="FILE", help="(default calibration.json)")
+    p.add_argument("--window", type=int, metavar="W", help="local window (default min(1024, L/8))")
+    p.add_argument("--topk", type=int, metavar="K", help="frequencies scaled per KV head (default 75%% of n_rot/2)")
+    p.add_argument("--no-select", action="store_true", help="no selection: every frequency scaled")
+    p.add_argument("--groups", type=int, default=8, metavar="G", help="frequency groups (default 8)")
+    p.add_argument("--scales", metavar="S0,...", help="skip detection: use these group divisors")
+    p.add_argument("--task", default="multi_needle", choices=("multi_needle", "passkey"),
+                   help="detection task (default multi_needle, 4 needles)")
+    p.add_argument("--trials", type=int, metavar="N", help="samples per candidate (default 5, quick 2)")
+    p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
+    p.add_argument("--text", metavar="FILE", help="selection text (default: the shipped text)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("inspect", help="describe a GGUF model and its DPE parameters",
                        description="Show architecture, trained context, heads, n_rot, rope type and, if "
@@ -323,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stock vs DPE on the embedded SmolLM2, past its trained context",
                        description="Convert the embedded SmolLM2 (cached), hide a pass key in a prompt past "
                                    "its trained 8k context, ask stock llama.cpp and DPE, print both answers.")
-    p.add_argument("--length", type=int, default=None, help="prompt tokens (default: 12288 on CPU, 32768 with CUDA)")
+    p.add_argument("--length", type=int, default=None, help="prompt tokens (default: 10240 on CPU, 32768 with CUDA)")
     p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0 = start, 1 = end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA, else 0)")

@@ -1,0 +1,298 @@
+"""Automatic DPE calibration (dpe-spec.md section 4): key-frequency selection and per-group effective
+lengths, both measured through the patched llama.cpp.
+
+1. Selection: :func:`dpe_gguf.selection.key_scores` on ordinary text (the shipped haystack or
+   ``--text``); the top-k frequencies per (layer, KV head) get divisors, the others keep 1.
+2. Detection: for the target length T, every group but the one under test is held at divisor
+   2T/L; the group under test sweeps divisors 1, 2, 4, ... up to T/w (lengths T, T/2, ... down to
+   the window); each candidate table runs the multi-needle retrieval task at length T through
+   llama-server; the best divisor per group wins (ties: the smaller divisor, the smaller change).
+
+Every candidate's score is cached in a JSON file keyed by the model's sha256 and the settings, so an
+interrupted run resumes, and a finished one is reused. ``calibrate`` returns (and writes) a
+:class:`Calibration` that ``dpe-gguf convert --from-calibration FILE`` turns into a DPE GGUF.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpe_gguf import evaltasks
+from dpe_gguf.errors import DPEError
+from dpe_gguf.model_info import has_dpe, open_reader, read_model_info
+from dpe_gguf.params import DPEParams, topk_mask
+
+CALIBRATION_VERSION = 1
+
+
+@dataclass
+class DetectSettings:
+    target: int
+    window: int
+    n_groups: int = 8
+    task: str = "multi_needle"
+    trials: int = 5
+    seed: int = 0
+    quick: bool = False
+    ngl: int = 0
+    flash_attn: bool = True
+    threads: int | None = None
+
+    def candidates(self, L: int) -> list[int]:
+        """Divisors T/len for len = T, T/2, ... >= w: 1, 2, 4, ..., and in quick mode only the
+        three around the background divisor 2T/L."""
+        top = max(1, self.target // self.window)
+        cands = [1 << i for i in range(int(math.log2(top)) + 1)]
+        if self.quick:
+            bg = background_divisor(self.target, L)
+            cands = [c for c in cands if bg / 2 <= c <= bg * 2] or cands[-1:]
+        return cands
+
+
+def background_divisor(target: int, L: int) -> int:
+    """2T/L rounded up to a power of two: the divisor the other groups hold during detection."""
+    return 1 << max(0, math.ceil(math.log2(2 * target / L)))
+
+
+@dataclass
+class Calibration:
+    """What calibration measured, in a form `convert` accepts (JSON)."""
+    model_sha256: str
+    target: int
+    window: int
+    topk: int
+    group_scales: tuple[int, ...]
+    scores: list | None               # (n_layer, n_head_kv, F) selection scores, None without selection
+    detection: dict = field(default_factory=dict)   # group -> {divisor: score}
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    version: int = CALIBRATION_VERSION
+
+    def params(self) -> DPEParams:
+        note = (f"dpe-gguf calibrate v{self.version}: selection top-{self.topk} on "
+                f"{self.settings.get('text', 'shipped text')} ({self.settings.get('sel_samples')} x "
+                f"{self.settings.get('sel_tokens')} tokens); detection {self.settings.get('task')} at "
+                f"{self.target} tokens, {self.settings.get('trials')} trials, seed {self.settings.get('seed')}"
+                f"{', quick' if self.settings.get('quick') else ''}")
+        return DPEParams(window=self.window, group_scales=tuple(self.group_scales),
+                         topk=self.topk if self.scores is not None else None,
+                         target_context=self.target, calibration=note)
+
+    def score_array(self) -> np.ndarray | None:
+        return None if self.scores is None else np.asarray(self.scores, dtype=np.float64)
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        try:
+            d = json.loads(Path(path).read_text())
+            if d.get("version") != CALIBRATION_VERSION:
+                raise DPEError(f"{path}: calibration file version {d.get('version')} (this dpe-gguf reads "
+                               f"{CALIBRATION_VERSION})")
+            d["group_scales"] = tuple(d["group_scales"])
+            return cls(**d)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DPEError(f"{path}: not a calibration file of `dpe-gguf calibrate` ({e})") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DPE_GGUF_CACHE") or Path.home() / ".cache" / "dpe-gguf") / "calibration"
+
+
+class _Cache:
+    """Candidate scores on disk (JSON, rewritten atomically after each candidate)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def select(model: Path, topk: int, text: Path | None, n_samples: int, n_tokens: int, seed: int,
+           ngl: int, quiet: bool) -> np.ndarray:
+    """Selection scores (n_layer, n_head_kv, F) on the shipped text or the user's."""
+    from dpe_gguf.selection import calibration_texts, key_scores
+    texts = calibration_texts(n_samples, int(n_tokens * 5.5), seed, text)
+    _say(f"selection: {n_samples} text(s) x {n_tokens} tokens through the model (pre-RoPE Q/K)", quiet)
+    return key_scores(model, texts, n_tokens=n_tokens, n_gpu_layers=ngl, progress=not quiet)
+
+
+def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cache,
+           quiet: bool = False) -> tuple[tuple[int, ...], dict]:
+    """Per-group divisors by the section-4 sweep; returns (scales, {group: {divisor: score}})."""
+    from dpe_gguf.convert import convert
+    from dpe_gguf.runtime import RunSettings, Server
+    info = read_model_info(model)
+    L = info.context_length
+    if s.window >= L:
+        raise DPEError(f"window {s.window} is not below the trained context {L}")
+    if s.target <= L:
+        raise DPEError(f"target context {s.target} is not above the trained context {L}: nothing to extend")
+    G = s.n_groups
+    if not 1 <= G <= info.n_freq:
+        raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
+    bg = background_divisor(s.target, L)
+    cands = s.candidates(L)
+    settings = RunSettings(ngl=s.ngl, flash_attn=s.flash_attn, threads=s.threads)
+    n_ctx = s.target + evaltasks.MAX_TOKENS[s.task] + 64
+    ctx_args = ["--override-kv", f"{info.arch}.context_length=int:{n_ctx}"]
+    total = G * len(cands)
+    _say(f"detection: {G} groups x divisors {cands} (others at {bg}), {s.trials} {s.task} trials at "
+         f"{s.target} tokens: {total} candidate tables, {total * s.trials} prompts", quiet)
+    if s.ngl == 0:
+        _say("detection runs on the CPU: prompts of this length take minutes each; a CUDA build "
+             f"(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)
+
+    work = Path(tempfile.mkdtemp(prefix="dpe-calibrate-"))
+    samples = None
+    results: dict[int, dict[int, float]] = {}
+    from tqdm import tqdm
+    bar = tqdm(total=total, disable=quiet, unit="table", file=sys.stderr, dynamic_ncols=True)
+    t_start = time.time()
+    try:
+        def make_samples():
+            # tokenized with the model itself (a small server on the stock weights), once, on demand
+            with Server(model, 256, ["--dpe", "off"] if has_dpe(open_reader(model)) else [],
+                        RunSettings(ngl=0, flash_attn=False, threads=s.threads)) as tok:
+                count = lambda x: len(tok.tokenize(x))  # noqa: E731
+                return evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count)
+        for g in range(G):
+            results[g] = {}
+            for c in cands:
+                key = f"g{g}/{G}-d{c}-bg{bg}"
+                hit = cache.get(key)
+                if hit is None:
+                    scales = tuple(c if i == g else bg for i in range(G))
+                    samples = samples or make_samples()
+                    table_model = work / "candidate.dpe.gguf"
+                    _convert_candidate(model, table_model, s, scales, keep)
+                    with Server(table_model, n_ctx, ctx_args, settings) as srv:
+                        hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
+                                             for x in samples]))
+                    cache.put(key, hit)
+                results[g][c] = hit
+                bar.update(1)
+                bar.set_postfix_str(f"group {g} divisor {c}: {hit:.2f}")
+    finally:
+        bar.close()
+        shutil.rmtree(work, ignore_errors=True)
+    best = []
+    for g in range(G):
+        top = max(results[g].values())
+        best.append(min(c for c, v in results[g].items() if v == top))
+    _say(f"detection took {time.time() - t_start:.0f} s", quiet)
+    return tuple(best), {str(g): {str(c): v for c, v in r.items()} for g, r in results.items()}
+
+
+def _convert_candidate(src: Path, out: Path, s: DetectSettings, scales, keep: np.ndarray | None) -> None:
+    """`src` with the candidate's divisors; `keep` (top-k per head, the same k everywhere) as 0/1
+    scores, which topk_mask turns back into exactly `keep`."""
+    from dpe_gguf.convert import convert
+    k = None if keep is None else int(keep[0, 0].sum())
+    convert(src, out, DPEParams(window=s.window, group_scales=scales, topk=k, target_context=s.target),
+            scores=None if keep is None else keep.astype(np.float64), force=True, progress=False)
+
+
+def format_detection(cal: Calibration, L: int) -> str:
+    """The per-group table and why each divisor won."""
+    lines = [f"{'group':>5}  " + "  ".join(f"{'d=' + c:>6}" for c in next(iter(cal.detection.values())).keys())
+             + "   chosen  why"]
+    bg = background_divisor(cal.target, L)
+    for g, by in cal.detection.items():
+        vals = list(by.values())
+        chosen = cal.group_scales[int(g)]
+        top = max(vals)
+        ties = [c for c, v in by.items() if v == top]
+        why = (f"best score {top:.2f}" + (f", tied with {', '.join(c for c in ties if int(c) != chosen)}: the "
+                                          "smaller divisor wins" if len(ties) > 1 else ""))
+        lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in vals) + f"   {chosen:>6}  {why}")
+    lines.append(f"(other groups held at divisor {bg} = 2T/L while one group is swept)")
+    return "\n".join(lines)
+
+
+def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,
+              n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
+              task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
+              ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
+              quiet: bool = False) -> Calibration:
+    """Run selection and detection for `model` (skipping detection when `scales` are given)."""
+    from dpe_gguf.runtime import default_ngl
+    from dpe_gguf.selection import default_topk
+    model = Path(model)
+    info = read_model_info(model)
+    L = info.context_length
+    window = window if window is not None else min(1024, L // 8)
+    topk = topk if topk is not None else default_topk(info.n_freq)
+    ngl = default_ngl() if ngl is None else ngl
+    trials = trials if trials is not None else (2 if quick else 5)
+    if window >= L:
+        raise DPEError(f"window {window} is not below the trained context {L}")
+    if target <= L:
+        raise DPEError(f"target context {target} is not above the trained context {L}")
+    t0 = time.time()
+    sha = file_sha256(model)
+    settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
+                    sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
+                    quick=quick, select=select_frequencies)
+    tag = hashlib.sha256(json.dumps({**settings, "sha": sha}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
+    _say(f"calibration cache: {cache.path}", quiet)
+
+    keep = None
+    scores = None
+    if select_frequencies:
+        cached = cache.get("selection")
+        if cached is None:
+            scores = select(model, topk, text, sel_samples, min(sel_tokens, L), seed, ngl, quiet)
+            cache.put("selection", scores.tolist())
+        else:
+            scores = np.asarray(cached, dtype=np.float64)
+        keep = topk_mask(scores, topk)
+    if scales is None:
+        s = DetectSettings(target=target, window=window, n_groups=n_groups, task=task, trials=trials, seed=seed,
+                           quick=quick, ngl=ngl)
+        scales, detection = detect(model, keep, s, cache, quiet)
+    else:
+        detection = {}
+    return Calibration(model_sha256=sha, target=target, window=window, topk=topk, group_scales=tuple(scales),
+                       scores=None if scores is None else scores.tolist(), detection=detection,
+                       settings=settings, seconds=round(time.time() - t0, 1))

@@ -1,0 +1,103 @@
+"""Automatic calibration: selection + detection through the patched llama.cpp, on tiny models (CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import dpe_gguf  # noqa: F401
+from dpe_gguf import calibrate as C
+from dpe_gguf.cli import main
+from dpe_gguf.model_info import read_dpe
+from dpe_gguf.params import divisor_table, topk_mask
+from tiny_models import write_tiny_gguf
+
+TARGET, WINDOW = 2048, 128
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "tiny.gguf"
+    write_tiny_gguf(path, "llama", max_position_embeddings=1024)
+    return path
+
+
+def run(tiny, cache, monkeypatch, **kw):
+    monkeypatch.setenv("DPE_GGUF_CACHE", str(cache))
+    args = dict(window=WINDOW, quick=True, trials=1, ngl=0, quiet=True, sel_samples=2, sel_tokens=256, n_groups=4)
+    return C.calibrate(tiny, TARGET, **{**args, **kw})
+
+
+def test_candidates_and_background_divisor():
+    s = C.DetectSettings(target=32768, window=1024)
+    assert C.background_divisor(32768, 8192) == 8
+    assert s.candidates(8192) == [1, 2, 4, 8, 16, 32]          # T/len for len = T .. w
+    assert C.DetectSettings(target=32768, window=1024, quick=True).candidates(8192) == [4, 8, 16]
+    assert C.background_divisor(65536, 8192) == 16
+
+
+def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, monkeypatch):
+    a = run(tiny, tmp_path / "a", monkeypatch)
+    b = run(tiny, tmp_path / "b", monkeypatch)   # a separate cache: measured again
+    assert a.group_scales == b.group_scales
+    assert a.detection == b.detection and len(a.detection) == 4
+    assert np.array_equal(a.score_array(), b.score_array())
+    assert a.score_array().shape == (2, 2, 8) and np.all(a.score_array() > 0)
+    c = run(tiny, tmp_path / "c", monkeypatch, seed=1)        # another seed: other selection text
+    assert not np.array_equal(a.score_array(), c.score_array())
+    # every group's candidates were scored, and the chosen divisor is one of the best
+    for g, by in a.detection.items():
+        assert list(by) == ["2", "4", "8"]
+        assert by[str(a.group_scales[int(g)])] == max(by.values())
+
+
+def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
+    first = run(tiny, tmp_path, monkeypatch)
+    cache_files = list((tmp_path / "calibration").glob("*.json"))
+    assert len(cache_files) == 1
+    data = json.loads(cache_files[0].read_text())
+    assert "selection" in data and len([k for k in data if k.startswith("g")]) == 12
+
+    def no_server(*a, **k):
+        raise AssertionError("a cached calibration must not run the model again")
+    monkeypatch.setattr("dpe_gguf.runtime.Server.__enter__", no_server)
+    monkeypatch.setattr("dpe_gguf.selection.key_scores", no_server)
+    again = run(tiny, tmp_path, monkeypatch)
+    assert again.group_scales == first.group_scales and again.detection == first.detection
+
+
+def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
+    cal = run(tiny, tmp_path / "cache", monkeypatch)
+    cal = C.Calibration(**{**cal.__dict__, "group_scales": (2, 8, 4, 2)})  # a non-trivial table
+    path = cal.save(tmp_path / "cal.json")
+    out = tmp_path / "tiny.dpe.gguf"
+    assert main(["convert", str(tiny), "-o", str(out), "--from-calibration", str(path), "-q"]) == 0
+    params, table = read_dpe(out)
+    keep = topk_mask(cal.score_array(), cal.topk)
+    assert np.array_equal(table, divisor_table(2, 2, 8, cal.group_scales, keep))
+    assert params.window == WINDOW and params.topk == 6 and params.target_context == TARGET
+    assert params.calibration.startswith("dpe-gguf calibrate v1") and "seed 0" in params.calibration
+
+
+def test_calibrate_cli_and_errors(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPE_GGUF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c.json"
+    argv = ["calibrate", str(tiny), "--target-context", str(TARGET), "--window", str(WINDOW), "--quick",
+            "--trials", "1", "--groups", "2", "-ngl", "0", "-o", str(out), "-q"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "group scales:" in printed and "chosen" in printed and out.exists()
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err          # no silent overwrite
+    assert main(["calibrate", str(tiny), "--target-context", "1024", "-o", str(tmp_path / "x.json"), "-q"]) == 2
+    assert "not above the trained context" in capsys.readouterr().err
+    assert main(["calibrate", str(tiny), "--target-context", "4096", "--window", "1024",
+                 "-o", str(tmp_path / "y.json"), "-q"]) == 2
+    assert "not below the trained context" in capsys.readouterr().err
+    # convert without --scales needs a way to get them
+    assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "-q"]) == 2
+    assert "--target-context" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "--from-calibration", str(bad), "-q"]) == 2
+    assert "calibration file" in capsys.readouterr().err
