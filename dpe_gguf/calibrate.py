@@ -6,7 +6,7 @@ lengths, both measured through the patched llama.cpp.
 2. Detection: for the target length T, every group but the one under test is held at divisor
    2T/L; the group under test sweeps divisors 1, 2, 4, ... up to T/w (lengths T, T/2, ... down to
    the window); each candidate table runs the multi-needle retrieval task at length T through
-   llama-server; the best divisor per group wins (ties: the smaller divisor, the smaller change).
+   llama-server; the best divisor per group wins (ties: the one nearest 2T/L, then the smaller).
 
 Every candidate's score is cached in a JSON file keyed by the model's sha256 and the settings, so an
 interrupted run resumes, and a finished one is reused. ``calibrate`` returns (and writes) a
@@ -81,7 +81,7 @@ class Calibration:
 
     def params(self) -> DPEParams:
         note = (f"dpe-gguf calibrate v{self.version}: selection top-{self.topk} on "
-                f"{self.settings.get('text', 'shipped text')} ({self.settings.get('sel_samples')} x "
+                f"{self.settings.get('text') or 'the shipped text'} ({self.settings.get('sel_samples')} x "
                 f"{self.settings.get('sel_tokens')} tokens); detection {self.settings.get('task')} at "
                 f"{self.target} tokens, {self.settings.get('trials')} trials, seed {self.settings.get('seed')}"
                 f"{', quick' if self.settings.get('quick') else ''}")
@@ -215,12 +215,17 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
-    best = []
-    for g in range(G):
-        top = max(results[g].values())
-        best.append(min(c for c, v in results[g].items() if v == top))
+    best = [pick(results[g], bg) for g in range(G)]
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
     return tuple(best), {str(g): {str(c): v for c, v in r.items()} for g, r in results.items()}
+
+
+def pick(scores: dict[int, float], background: int) -> int:
+    """The best-scoring divisor; among equal scores the one nearest the background divisor 2T/L
+    (in log2), then the smaller: a sweep that cannot tell candidates apart keeps the prior."""
+    top = max(scores.values())
+    tied = [c for c, v in scores.items() if v == top]
+    return min(tied, key=lambda c: (abs(math.log2(c) - math.log2(background)), c))
 
 
 def _convert_candidate(src: Path, out: Path, s: DetectSettings, scales, keep: np.ndarray | None) -> None:
@@ -243,7 +248,7 @@ def format_detection(cal: Calibration, L: int) -> str:
         top = max(vals)
         ties = [c for c, v in by.items() if v == top]
         why = (f"best score {top:.2f}" + (f", tied with {', '.join(c for c in ties if int(c) != chosen)}: the "
-                                          "smaller divisor wins" if len(ties) > 1 else ""))
+                                          "divisor nearest 2T/L wins" if len(ties) > 1 else ""))
         lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in vals) + f"   {chosen:>6}  {why}")
     lines.append(f"(other groups held at divisor {bg} = 2T/L while one group is swept)")
     return "\n".join(lines)

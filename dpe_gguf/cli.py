@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="stock vs DPE on the embedded SmolLM2, past its trained context",
                        description="Convert the embedded SmolLM2 (cached), hide a pass key in a prompt past "
                                    "its trained 8k context, ask stock llama.cpp and DPE, print both answers.")
-    p.add_argument("--length", type=int, default=None, help="prompt tokens (default: 10240 on CPU, 32768 with CUDA)")
+    p.add_argument("--length", type=int, default=None, help="prompt tokens (default: 12288 on CPU, 32768 with CUDA)")
     p.add_argument("--depth", type=float, default=0.5, help="where the key sits, 0 = start, 1 = end")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA, else 0)")

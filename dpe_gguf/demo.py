@@ -43,7 +43,7 @@ def run_demo(length: int | None = None, depth: float = 0.5, seed: int = 0, ngl: 
              quiet: bool = False) -> int:
     ngl = default_ngl() if ngl is None else ngl
     if length is None:
-        length = 32768 if ngl > 0 else 10240
+        length = 32768 if ngl > 0 else 12288
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     dpe = demo_model(progress=not quiet)
     settings = RunSettings(ngl=ngl, flash_attn=True, threads=env_threads())

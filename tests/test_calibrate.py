@@ -37,6 +37,13 @@ def test_candidates_and_background_divisor():
     assert C.background_divisor(65536, 8192) == 16
 
 
+def test_ties_keep_the_background_divisor():
+    assert C.pick({4: 0.5, 8: 0.5, 16: 0.5}, 8) == 8          # no signal: the prior 2T/L
+    assert C.pick({1: 0.0, 2: 0.4, 4: 0.4, 32: 0.4}, 8) == 4  # nearest 8 among the best
+    assert C.pick({2: 0.5, 16: 0.5}, 4) == 2                   # equally near: the smaller
+    assert C.pick({4: 0.2, 8: 0.5, 16: 1.0}, 8) == 16         # a clear winner wins
+
+
 def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, monkeypatch):
     a = run(tiny, tmp_path / "a", monkeypatch)
     b = run(tiny, tmp_path / "b", monkeypatch)   # a separate cache: measured again
@@ -77,7 +84,8 @@ def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
     keep = topk_mask(cal.score_array(), cal.topk)
     assert np.array_equal(table, divisor_table(2, 2, 8, cal.group_scales, keep))
     assert params.window == WINDOW and params.topk == 6 and params.target_context == TARGET
-    assert params.calibration.startswith("dpe-gguf calibrate v1") and "seed 0" in params.calibration
+    assert params.calibration.startswith("dpe-gguf calibrate v1: selection top-6 on the shipped text")
+    assert "seed 0" in params.calibration
 
 
 def test_calibrate_cli_and_errors(tiny, tmp_path, monkeypatch, capsys):
