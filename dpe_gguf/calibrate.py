@@ -48,6 +48,7 @@ class DetectSettings:
     ngl: int = 0
     flash_attn: bool = True
     threads: int | None = None
+    scorer: str = "logprob"     # "logprob": mean log-probability of the answer; "hits": greedy answers found
 
     def candidates(self, L: int) -> list[int]:
         """Divisors T/len for len = T, T/2, ... >= w: 1, 2, 4, ..., and in quick mode only the
@@ -198,16 +199,19 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
         for g in range(G):
             results[g] = {}
             for c in cands:
-                key = f"g{g}/{G}-d{c}-bg{bg}"
+                key = f"g{g}/{G}-d{c}-bg{bg}" + ("" if s.scorer == "hits" else f"-{s.scorer}")
                 hit = cache.get(key)
                 if hit is None:
                     scales = tuple(c if i == g else bg for i in range(G))
                     samples = samples or make_samples()
                     table_model = work / "candidate.dpe.gguf"
                     _convert_candidate(model, table_model, s, scales, keep)
-                    with Server(table_model, n_ctx, ctx_args, settings) as srv:
-                        hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
-                                             for x in samples]))
+                    if s.scorer == "logprob":
+                        hit = answer_logprob(table_model, samples, n_ctx, s.ngl, s.flash_attn, s.threads)
+                    else:
+                        with Server(table_model, n_ctx, ctx_args, settings) as srv:
+                            hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
+                                                 for x in samples]))
                     cache.put(key, hit)
                 results[g][c] = hit
                 bar.update(1)
@@ -218,6 +222,90 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     best = [pick(results[g], bg) for g in range(G)]
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
     return tuple(best), {str(g): {str(c): v for c, v in r.items()} for g, r in results.items()}
+
+
+def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
+                   n_batch: int = 2048) -> float:
+    """Mean over samples of the mean log-probability of the sample's first answer, teacher-forced
+    after its prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
+
+    A graded score: it separates candidate tables that retrieve equally often."""
+    import llama_cpp
+    import llama_cpp._logger as llama_logger
+
+    llama_cpp.llama_backend_init()
+    saved = llama_logger.logger.level
+    llama_logger.set_verbose(False)
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = int(ngl)
+    lmodel = ctx = batch = None
+    try:
+        lmodel = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
+        if not lmodel:
+            raise DPEError(f"{model}: llama.cpp could not load the model")
+        vocab = llama_cpp.llama_model_get_vocab(lmodel)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+
+        def tok(text: str, bos: bool) -> list[int]:
+            raw = text.encode()
+            buf = (llama_cpp.llama_token * (len(raw) + 8))()
+            n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, len(buf), bos, False)
+            if n < 0:
+                raise DPEError("tokenization failed")
+            return list(buf[:n])
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx)
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
+        if not ctx:
+            raise DPEError(f"{model}: llama.cpp could not create a context of {n_ctx} tokens")
+        memory = llama_cpp.llama_get_memory(ctx)
+        nb = cparams.n_batch
+        batch = llama_cpp.llama_batch_init(nb, 0, 1)
+        per_sample = []
+        for x in samples:
+            prompt = tok(x.prompt, llama_cpp.llama_vocab_get_add_bos(vocab))
+            answer = tok(" " + x.answers[0], False)
+            ids = prompt + answer
+            if len(ids) > n_ctx:
+                raise DPEError(f"prompt of {len(ids)} tokens does not fit the context of {n_ctx}")
+            first = len(prompt) - 1                  # logits at positions first .. len(ids) - 2
+            llama_cpp.llama_memory_clear(memory, True)
+            logp = []
+            for start in range(0, len(ids) - 1, nb):
+                chunk = ids[start:min(start + nb, len(ids) - 1)]
+                for j, t in enumerate(chunk):
+                    batch.token[j] = t
+                    batch.pos[j] = start + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = start + j >= first
+                batch.n_tokens = len(chunk)
+                if llama_cpp.llama_decode(ctx, batch) != 0:
+                    raise DPEError("llama_decode failed while scoring a candidate")
+                for j in range(len(chunk)):
+                    p = start + j
+                    if p >= first:
+                        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j),
+                                                       shape=(n_vocab,)).astype(np.float64)
+                        m = logits.max()
+                        logp.append(logits[ids[p + 1]] - m - math.log(np.exp(logits - m).sum()))
+            per_sample.append(float(np.mean(logp)))
+        return float(np.mean(per_sample))
+    finally:
+        if batch is not None:
+            llama_cpp.llama_batch_free(batch)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        if lmodel:
+            llama_cpp.llama_model_free(lmodel)
+        llama_logger.logger.setLevel(saved)
 
 
 def pick(scores: dict[int, float], background: int) -> int:
@@ -258,7 +346,7 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
               n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
               task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
               ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              quiet: bool = False) -> Calibration:
+              scorer: str = "logprob", quiet: bool = False) -> Calibration:
     """Run selection and detection for `model` (skipping detection when `scales` are given)."""
     from dpe_gguf.runtime import default_ngl
     from dpe_gguf.selection import default_topk
@@ -277,7 +365,7 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     sha = file_sha256(model)
     settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
                     sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
-                    quick=quick, select=select_frequencies)
+                    quick=quick, select=select_frequencies, scorer=scorer)
     tag = hashlib.sha256(json.dumps({**settings, "sha": sha}, sort_keys=True).encode()).hexdigest()[:16]
     cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
     _say(f"calibration cache: {cache.path}", quiet)
@@ -294,7 +382,7 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         keep = topk_mask(scores, topk)
     if scales is None:
         s = DetectSettings(target=target, window=window, n_groups=n_groups, task=task, trials=trials, seed=seed,
-                           quick=quick, ngl=ngl)
+                           quick=quick, ngl=ngl, scorer=scorer)
         scales, detection = detect(model, keep, s, cache, quiet)
     else:
         detection = {}

@@ -123,7 +123,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(args.model, args.target_context, window=args.window, topk=args.topk, n_groups=args.groups,
                     text=Path(args.text) if args.text else None, trials=args.trials, seed=args.seed,
                     quick=args.quick, ngl=args.ngl, scales=scales, select_frequencies=not args.no_select,
-                    task=args.task, quiet=args.quiet)
+                    task=args.task, scorer=args.scorer, quiet=args.quiet)
     cal.save(out)
     if cal.detection:
         print(format_detection(cal, read_model_info(args.model).context_length))
@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", metavar="S0,...", help="skip detection: use these group divisors")
     p.add_argument("--task", default="multi_needle", choices=("multi_needle", "passkey"),
                    help="detection task (default multi_needle, 4 needles)")
+    p.add_argument("--scorer", default="logprob", choices=("logprob", "hits"),
+                   help="candidate score: mean log-probability of the answers (default, graded) or the "
+                        "fraction retrieved by greedy decoding")
     p.add_argument("--trials", type=int, metavar="N", help="samples per candidate (default 5, quick 2)")
     p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
     p.add_argument("--text", metavar="FILE", help="selection text (default: the shipped text)")

@@ -53,10 +53,32 @@ def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, 
     assert a.score_array().shape == (2, 2, 8) and np.all(a.score_array() > 0)
     c = run(tiny, tmp_path / "c", monkeypatch, seed=1)        # another seed: other selection text
     assert not np.array_equal(a.score_array(), c.score_array())
-    # every group's candidates were scored, and the chosen divisor is one of the best
+    # every group's candidates were scored (log-probabilities: graded, negative), the best one won,
+    # and the scores depend on the group's divisor (the candidate tables really differ)
     for g, by in a.detection.items():
         assert list(by) == ["2", "4", "8"]
+        assert all(v < 0 for v in by.values())
         assert by[str(a.group_scales[int(g)])] == max(by.values())
+    assert len({round(v, 9) for by in a.detection.values() for v in by.values()}) > 3
+
+
+def test_answer_logprob_matches_llama_cpp_python(tiny, tmp_path):
+    """The teacher-forced score equals log-softmax read through llama_cpp.Llama on the same tokens."""
+    import llama_cpp
+    from dpe_gguf.evaltasks import Sample
+    prompt = "The special magic number for apple is: 1234567. What is the special magic number for apple? It is:"
+    sample = Sample("multi_needle", 64, 0, 0.0, prompt, ("1234567",), 12)
+    got = C.answer_logprob(tiny, [sample], 256, 0, False, 2)
+    llm = llama_cpp.Llama(str(tiny), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    p = llm.tokenize(prompt.encode())
+    a = llm.tokenize(b" 1234567", add_bos=False)
+    llm.eval(p + a)
+    scores = np.asarray(llm.scores[:len(p) + len(a)], dtype=np.float64)
+    want = []
+    for i, t in enumerate(a):
+        row = scores[len(p) - 1 + i]
+        want.append(row[t] - row.max() - np.log(np.exp(row - row.max()).sum()))
+    assert abs(got - np.mean(want)) < 1e-4, (got, np.mean(want))
 
 
 def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
@@ -69,6 +91,7 @@ def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
     def no_server(*a, **k):
         raise AssertionError("a cached calibration must not run the model again")
     monkeypatch.setattr("dpe_gguf.runtime.Server.__enter__", no_server)
+    monkeypatch.setattr(C, "answer_logprob", no_server)
     monkeypatch.setattr("dpe_gguf.selection.key_scores", no_server)
     again = run(tiny, tmp_path, monkeypatch)
     assert again.group_scales == first.group_scales and again.detection == first.detection
