@@ -438,7 +438,9 @@ def test_bad_strip_without_dpe(llama, tmp_path, capsys):
 
 
 def test_bad_usage(llama, tmp_path, capsys):
-    _bad(tmp_path, ["convert", str(llama), "--window", "10"], capsys, "required")
+    # no divisors: --scales, a calibration file or a target to calibrate for
+    _bad(tmp_path, ["convert", str(llama), "--window", "10"], capsys, "--target-context")
+    _bad(tmp_path, ["convert", str(llama), "--scales", "2"], capsys, "--window")
     _bad(tmp_path, ["frobnicate"], capsys, "invalid choice")
     assert main([]) == 2
 

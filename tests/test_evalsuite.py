@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import dpe_gguf  # noqa: F401  (the patched libllama first)
@@ -474,4 +475,7 @@ def test_cli_demo_at_2048(tmp_path, monkeypatch, capsys):
     converted = list((tmp_path / "demo").glob("*.dpe.gguf"))
     assert len(converted) == 1, list(tmp_path.rglob("*"))
     params, table = read_dpe(converted[0])
-    assert params.window == 1024 and (table == 4).all()
+    from dpe_gguf.demo import DEMO_SCALES
+    from dpe_gguf.params import divisor_table
+    assert params.window == 1024 and params.group_scales == DEMO_SCALES
+    assert np.array_equal(table, divisor_table(30, 3, 32, DEMO_SCALES))
