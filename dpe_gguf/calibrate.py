@@ -346,8 +346,9 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
               n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
               task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
               ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              scorer: str = "logprob", quiet: bool = False) -> Calibration:
-    """Run selection and detection for `model` (skipping detection when `scales` are given)."""
+              scorer: str = "logprob", scores: Any = None, quiet: bool = False) -> Calibration:
+    """Run selection and detection for `model`: detection is skipped when `scales` are given,
+    selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
     from dpe_gguf.runtime import default_ngl
     from dpe_gguf.selection import default_topk
     model = Path(model)
@@ -366,13 +367,19 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
                     sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
                     quick=quick, select=select_frequencies, scorer=scorer)
-    tag = hashlib.sha256(json.dumps({**settings, "sha": sha}, sort_keys=True).encode()).hexdigest()[:16]
+    given = None if scores is None else hashlib.sha256(np.asarray(
+        np.load(scores) if isinstance(scores, (str, Path)) else scores, dtype=np.float64).tobytes()).hexdigest()
+    tag = hashlib.sha256(json.dumps({**settings, "sha": sha, "scores": given}, sort_keys=True).encode()).hexdigest()[:16]
     cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
     _say(f"calibration cache: {cache.path}", quiet)
 
     keep = None
-    scores = None
-    if select_frequencies:
+    if scores is not None:
+        from dpe_gguf.convert import load_scores
+        scores = load_scores(scores, info)
+        settings["select"] = "given scores"
+        keep = topk_mask(scores, topk)
+    elif select_frequencies:
         cached = cache.get("selection")
         if cached is None:
             scores = select(model, topk, text, sel_samples, min(sel_tokens, L), seed, ngl, quiet)

@@ -92,8 +92,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 from pathlib import Path
                 _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
                               args.force)   # refuse before spending the calibration time
+            # --scores given: detection only (their top-k is the selection)
             cal = calibrate(args.input, args.target_context, window=args.window, topk=args.topk,
-                            quick=args.quick, quiet=args.quiet)
+                            quick=args.quick, scores=args.scores, quiet=args.quiet)
         params = cal.params()
         if args.calibration:
             params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
@@ -103,6 +104,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise DPEError("--scales needs --window W (the local window)")
         params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
                            target_context=args.target_context, calibration=args.calibration)
+        if args.topk is not None and scores is None:
+            # --scales with --topk but no --scores: measure the scores (selection only, no detection)
+            from pathlib import Path
+
+            from .calibrate import select
+            from .convert import _check_output, default_output
+            from .model_info import read_model_info
+            from .runtime import default_ngl
+            info = read_model_info(args.input)
+            params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
+            _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
+                          args.force)
+            scores = select(args.input, args.topk, None, 4, min(2048, info.context_length), 0, default_ngl(),
+                            args.quiet)
+            if args.calibration is None:
+                params = DPEParams(**{**params.__dict__, "calibration": (
+                    f"dpe-gguf convert: given group scales; selection top-{args.topk} measured on the shipped "
+                    "text (4 x 2048 tokens, seed 0)")})
     out = convert(args.input, args.output, params=params, scores=scores, force=args.force,
                   progress=not args.quiet)
     if not args.quiet:
@@ -313,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-calibration", metavar="FILE", help="parameters measured by `dpe-gguf calibrate`")
     p.add_argument("--quick", action="store_true", help="calibration: 3 divisors per group, 2 trials")
     p.add_argument("--topk", type=int, metavar="K",
-                   help="scale only the K highest-scoring frequencies per layer and KV head (needs --scores)")
+                   help="scale only the K highest-scoring frequencies per layer and KV head (the scores are "
+                        "measured when --scores is not given)")
     p.add_argument("--scores", metavar="FILE", help="per-(layer, KV head, frequency) scores, .npy (see below)")
     p.add_argument("--target-context", type=int, metavar="T",
                    help="context the parameters were calibrated for (default: (L - W + W//S) * S, "

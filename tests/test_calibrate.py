@@ -132,3 +132,29 @@ def test_calibrate_cli_and_errors(tiny, tmp_path, monkeypatch, capsys):
     bad.write_text("{}")
     assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "--from-calibration", str(bad), "-q"]) == 2
     assert "calibration file" in capsys.readouterr().err
+
+
+def test_convert_measures_scores_for_topk_and_detects_for_given_scores(tiny, tmp_path, monkeypatch, capsys):
+    """`convert --scales .. --topk K` without --scores runs selection only; `convert --target-context T
+    --scores F` runs detection only (the given scores are the selection)."""
+    monkeypatch.setenv("DPE_GGUF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sel.dpe.gguf"
+    assert main(["convert", str(tiny), "-o", str(out), "--window", str(WINDOW), "--scales", "2,4",
+                 "--topk", "6", "-q"]) == 0
+    params, table = read_dpe(out)
+    assert params.topk == 6 and "selection top-6 measured" in params.calibration
+    assert ((table > 1).sum(axis=-1) == 6).all()                 # every head: its own 6 frequencies
+    assert len({tuple(np.flatnonzero(h > 1)) for layer in table for h in layer}) > 1
+
+    scores = np.random.default_rng(0).random((2, 2, 8))
+    np.save(tmp_path / "s.npy", scores)
+
+    def no_selection(*a, **k):
+        raise AssertionError("given scores: no selection run")
+    monkeypatch.setattr("dpe_gguf.selection.key_scores", no_selection)
+    out2 = tmp_path / "det.dpe.gguf"
+    assert main(["convert", str(tiny), "-o", str(out2), "--target-context", str(TARGET), "--window", str(WINDOW),
+                 "--scores", str(tmp_path / "s.npy"), "--topk", "4", "--quick", "-q"]) == 0
+    params, table = read_dpe(out2)
+    keep = topk_mask(scores, 4)
+    assert params.topk == 4 and np.array_equal(table, divisor_table(2, 2, 8, params.group_scales, keep))

@@ -369,7 +369,7 @@ def test_glm4_without_sections_is_normal(tmp_path):
     ([], "100", "a,b", "not an integer"),
     ([], "100", "1,,2", "not an integer"),
     ([], "100", ",".join(["2"] * 9), "only F = 8"),              # G > F
-    (["--topk", "3"], "100", "1,2", "needs scores"),
+    (["--topk", "9"], "100", "1,2", "topk 9 is outside"),        # checked before scores are measured
     (["--target-context", "100"], "100", "1,2", "below the trained context"),
 ])
 def test_bad_parameters(llama, tmp_path, capsys, extra, window, scales, expect):
