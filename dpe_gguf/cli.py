@@ -221,7 +221,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text=Path(args.text) if args.text else None, se_window=args.se_window,
         settings=RunSettings(ngl=default_ngl() if args.ngl is None else args.ngl, flash_attn=args.fa == "on",
                              threads=args.threads or env_threads()),
-        ppl_chunks=args.ppl_chunks)
+        ppl_chunks=args.ppl_chunks, parallel=args.parallel)
+    if cfg.parallel < 1:
+        raise DPEError("--parallel must be at least 1")
     if cfg.settings.ngl == 0:
         print(f"{PROG}: running on the CPU (no CUDA in this build or -ngl 0): long contexts are slow; "
               "a CUDA build runs the full table in minutes", file=sys.stderr)
@@ -230,7 +232,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def save(row: dict) -> None:
         rows.append(row)
         E.write_json(json_path, cfg, rows)  # partial results survive an interruption
-    E.run_eval(cfg, on_row=save, progress=not args.quiet)
+    rows = E.run_eval(cfg, on_row=save, progress=not args.quiet)   # in table order (methods may finish in any order)
+    E.write_json(json_path, cfg, rows)
     summary = E.summarize(rows)
     print(E.format_tables(summary))
     try:
@@ -401,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", metavar="FILE", help="your own haystack/perplexity text (default: the shipped text)")
     p.add_argument("--se-window", type=int, default=1024, help="Self-Extend window (default 1024)")
     p.add_argument("--ppl-chunks", type=int, default=1, help="windows per perplexity cell (default 1)")
+    p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
+                   help="run N methods at once, each its own llama-server (GPU: a small model leaves room; "
+                        "6 ran together on one H100); on a CPU they share the cores")
     p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA, else 0)")
     p.add_argument("-fa", "--fa", choices=("on", "off"), default="on", help="flash attention (default on)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,6 +194,7 @@ class EvalConfig:
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("DPE_GGUF_CACHE")
                                                          or Path.home() / ".cache" / "dpe-gguf"))
     ppl_chunks: int = 1
+    parallel: int = 1        # methods run at the same time (each its own llama-server)
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -253,40 +255,59 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
     from tqdm import tqdm
     bar = tqdm(total=total, disable=not progress, unit="run", file=sys.stderr, dynamic_ncols=True)
     rows: list[dict] = []
+    lock = threading.Lock()
+    # resolved up front, in this thread: Self-Extend copies are converted once, never concurrently
+    resolved = {(spec, n): methods.resolve(spec, n) for spec in cfg.methods for n in cfg.lengths}
 
     def emit(row: dict) -> None:
-        rows.append(row)
-        if on_row:
-            on_row(row)
-        bar.update(1)
+        with lock:
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            bar.update(1)
+
+    def run_method(spec: MethodSpec) -> None:
+        for n in cfg.lengths:
+            r = resolved[(spec, n)]
+            with lock:
+                bar.set_postfix_str(f"{spec.label} @ {n}")
+            common = dict(method=spec.label, factor=r.factor, model=r.model.name, args=" ".join(r.args), length=n)
+            if gen_tasks:
+                max_new = max(s.max_tokens for t in gen_tasks for s in samples[(t, n)])
+                n_ctx = n + max_new + 64
+                with Server(r.model, n_ctx, r.args + methods.context_args(n_ctx), cfg.settings) as srv:
+                    for task in gen_tasks:
+                        for s in samples[(task, n)]:
+                            t0 = time.time()
+                            out = srv.complete(s.prompt, s.max_tokens)
+                            emit(dict(common, task=task, trial=s.index, depth=s.depth,
+                                      score=evaltasks.score(s, out["text"]), answers=list(s.answers),
+                                      output=out["text"][:200], prompt_tokens=out["prompt_tokens"],
+                                      seconds=round(time.time() - t0, 3)))
+            if "ppl" in cfg.tasks:
+                t0 = time.time()
+                ppl, _ = perplexity(r.model, ppl_files[n], n, cfg.ppl_chunks, r.args, cfg.settings)
+                emit(dict(common, task="ppl", trial=0, depth=None, score=ppl, answers=[], output="",
+                          prompt_tokens=n, seconds=round(time.time() - t0, 3)))
 
     try:
-        for spec in cfg.methods:
-            for n in cfg.lengths:
-                r = methods.resolve(spec, n)
-                bar.set_postfix_str(f"{spec.label} @ {n}")
-                common = dict(method=spec.label, factor=r.factor, model=r.model.name, args=" ".join(r.args), length=n)
-                if gen_tasks:
-                    max_new = max(s.max_tokens for t in gen_tasks for s in samples[(t, n)])
-                    n_ctx = n + max_new + 64
-                    with Server(r.model, n_ctx, r.args + methods.context_args(n_ctx), cfg.settings) as srv:
-                        for task in gen_tasks:
-                            for s in samples[(task, n)]:
-                                t0 = time.time()
-                                out = srv.complete(s.prompt, s.max_tokens)
-                                emit(dict(common, task=task, trial=s.index, depth=s.depth,
-                                          score=evaltasks.score(s, out["text"]), answers=list(s.answers),
-                                          output=out["text"][:200], prompt_tokens=out["prompt_tokens"],
-                                          seconds=round(time.time() - t0, 3)))
-                if "ppl" in cfg.tasks:
-                    t0 = time.time()
-                    ppl, _ = perplexity(r.model, ppl_files[n], n, cfg.ppl_chunks, r.args, cfg.settings)
-                    emit(dict(common, task="ppl", trial=0, depth=None, score=ppl, answers=[], output="",
-                              prompt_tokens=n, seconds=round(time.time() - t0, 3)))
+        if cfg.parallel > 1 and len(cfg.methods) > 1:
+            # one worker per method: each runs its own llama-server; a small model leaves a GPU idle
+            # most of the time, so several methods at once finish the table sooner
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(cfg.parallel, len(cfg.methods))) as pool:
+                for f in [pool.submit(run_method, spec) for spec in cfg.methods]:
+                    f.result()
+        else:
+            for spec in cfg.methods:
+                run_method(spec)
     finally:
         bar.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    order = {m.label: i for i, m in enumerate(cfg.methods)}
+    tasks = {t: i for i, t in enumerate(cfg.tasks)}
+    rows.sort(key=lambda r: (order[r["method"]], r["length"], tasks[r["task"]], r["trial"]))
     return rows
 
 
@@ -376,7 +397,7 @@ def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
     meta = dict(model=str(cfg.model), dpe_model=str(cfg.dpe_model) if cfg.dpe_model else None,
                 tasks=cfg.tasks, lengths=cfg.lengths, methods=[m.label for m in cfg.methods], trials=cfg.trials,
                 seed=cfg.seed, text=str(cfg.text) if cfg.text else None, se_window=cfg.se_window,
-                settings=asdict(cfg.settings))
+                parallel=cfg.parallel, settings=asdict(cfg.settings))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dict(config=meta, rows=rows), indent=1))

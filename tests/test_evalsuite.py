@@ -479,3 +479,17 @@ def test_cli_demo_at_2048(tmp_path, monkeypatch, capsys):
     from dpe_gguf.params import divisor_table
     assert params.window == 1024 and params.group_scales == DEMO_SCALES
     assert np.array_equal(table, divisor_table(30, 3, 32, DEMO_SCALES))
+
+
+def test_parallel_methods_give_the_serial_rows(tiny, tmp_path, eval_cache):
+    """--parallel runs methods concurrently (one llama-server each); the rows, their order and every
+    score and answer are the serial run's."""
+    def rows(parallel):
+        cfg = E.EvalConfig(model=tiny[1], tasks=["passkey", "ppl"], lengths=[512], trials=2,
+                           methods=[E.MethodSpec(m) for m in ("vanilla", "linear", "dpe")],
+                           settings=RunSettings(ngl=0, flash_attn=True, threads=1), parallel=parallel)
+        return [(r["method"], r["length"], r["task"], r["trial"], r["score"], r["output"])
+                for r in E.run_eval(cfg, progress=False)]
+    serial, parallel = rows(1), rows(3)
+    assert len(serial) == 3 * (2 + 1)
+    assert parallel == serial
