@@ -148,7 +148,7 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def select(model: Path, topk: int, text: Path | None, n_samples: int, n_tokens: int, seed: int,
+def select(model: Path, text: Path | None, n_samples: int, n_tokens: int, seed: int,
            ngl: int, quiet: bool) -> np.ndarray:
     """Selection scores (n_layer, n_head_kv, F) on the shipped text or the user's."""
     from dpe_gguf.selection import calibration_texts, key_scores
@@ -233,6 +233,7 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
     import llama_cpp
     import llama_cpp._logger as llama_logger
 
+    from dpe_gguf.selection import tokenize
     llama_cpp.llama_backend_init()
     saved = llama_logger.logger.level
     llama_logger.set_verbose(False)
@@ -245,14 +246,6 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
             raise DPEError(f"{model}: llama.cpp could not load the model")
         vocab = llama_cpp.llama_model_get_vocab(lmodel)
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-
-        def tok(text: str, bos: bool) -> list[int]:
-            raw = text.encode()
-            buf = (llama_cpp.llama_token * (len(raw) + 8))()
-            n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, len(buf), bos, False)
-            if n < 0:
-                raise DPEError("tokenization failed")
-            return list(buf[:n])
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
@@ -270,8 +263,8 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
         batch = llama_cpp.llama_batch_init(nb, 0, 1)
         per_sample = []
         for x in samples:
-            prompt = tok(x.prompt, llama_cpp.llama_vocab_get_add_bos(vocab))
-            answer = tok(" " + x.answers[0], False)
+            prompt = tokenize(llama_cpp, vocab, x.prompt)
+            answer = tokenize(llama_cpp, vocab, " " + x.answers[0], add_special=False)
             ids = prompt + answer
             if len(ids) > n_ctx:
                 raise DPEError(f"prompt of {len(ids)} tokens does not fit the context of {n_ctx}")
@@ -367,22 +360,23 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
                     sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
                     quick=quick, select=select_frequencies, scorer=scorer)
-    given = None if scores is None else hashlib.sha256(np.asarray(
-        np.load(scores) if isinstance(scores, (str, Path)) else scores, dtype=np.float64).tobytes()).hexdigest()
+    given = None
+    if scores is not None:
+        from dpe_gguf.convert import load_scores
+        scores = load_scores(scores, info)     # folded, checked against the model
+        given = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
+        settings["select"] = "given scores"
     tag = hashlib.sha256(json.dumps({**settings, "sha": sha, "scores": given}, sort_keys=True).encode()).hexdigest()[:16]
     cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
     _say(f"calibration cache: {cache.path}", quiet)
 
     keep = None
     if scores is not None:
-        from dpe_gguf.convert import load_scores
-        scores = load_scores(scores, info)
-        settings["select"] = "given scores"
         keep = topk_mask(scores, topk)
     elif select_frequencies:
         cached = cache.get("selection")
         if cached is None:
-            scores = select(model, topk, text, sel_samples, min(sel_tokens, L), seed, ngl, quiet)
+            scores = select(model, text, sel_samples, min(sel_tokens, L), seed, ngl, quiet)
             cache.put("selection", scores.tolist())
         else:
             scores = np.asarray(cached, dtype=np.float64)

@@ -116,8 +116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
             _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
                           args.force)
-            scores = select(args.input, args.topk, None, 4, min(2048, info.context_length), 0, default_ngl(),
-                            args.quiet)
+            scores = select(args.input, None, 4, min(2048, info.context_length), 0, default_ngl(), args.quiet)
             if args.calibration is None:
                 params = DPEParams(**{**params.__dict__, "calibration": (
                     f"dpe-gguf convert: given group scales; selection top-{args.topk} measured on the shipped "

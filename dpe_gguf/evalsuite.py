@@ -124,7 +124,7 @@ class Methods:
             return []
         return ["--override-kv", f"{self.info.arch}.context_length=int:{n_ctx}"]
 
-    def _plain(self) -> tuple[Path, list[str]]:
+    def plain(self) -> tuple[Path, list[str]]:
         return self.model, (["--dpe", "off"] if self.input_has_dpe else [])
 
     def _input_tag(self) -> str:
@@ -155,18 +155,18 @@ class Methods:
         L = self.info.context_length
         factor = spec.factor or auto_factor(length, L)
         if spec.name == "vanilla":
-            m, a = self._plain()
+            m, a = self.plain()
             return Resolved("vanilla", None, m, a)
         if spec.name == "linear":
-            m, a = self._plain()
+            m, a = self.plain()
             return Resolved(spec.name, factor, m, a + ["--rope-scaling", "linear", "--rope-scale", str(factor)])
         if spec.name == "ntk":
-            m, a = self._plain()
+            m, a = self.plain()
             d = self.info.n_rot
             base = self.info.freq_base * factor ** (d / (d - 2))
             return Resolved(spec.name, factor, m, a + ["--rope-freq-base", f"{base:.1f}"])
         if spec.name == "yarn":
-            m, a = self._plain()
+            m, a = self.plain()
             return Resolved(spec.name, factor, m, a + ["--rope-scaling", "yarn", "--rope-scale", str(factor),
                                                        "--yarn-orig-ctx", str(L)])
         if spec.name == "selfextend":
@@ -237,7 +237,7 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
     _check(cfg)
     haystack = evaltasks.load_haystack(cfg.text)
     methods = Methods(cfg.model, cfg.dpe_model, cfg.cache_dir, cfg.se_window)
-    base_model, base_args = methods._plain()
+    base_model, base_args = methods.plain()
     # Prompts are sized with the model's own tokenizer (llama-server's /tokenize).
     with Server(base_model, 256, base_args, RunSettings(ngl=0, flash_attn=False, threads=cfg.settings.threads)) as tok:
         count = lambda s: len(tok.tokenize(s))  # noqa: E731

@@ -211,14 +211,16 @@ class _Capture:
         self.tokens[il] += T
 
 
-def _tokenize(llama_cpp, vocab, text: str, n_tokens: int) -> list[int]:
+def tokenize(llama_cpp, vocab, text: str, add_special: bool = True, limit: int | None = None) -> list[int]:
+    """Token ids of `text` through llama.cpp's low-level API (BOS as the vocabulary says when
+    `add_special`), at most `limit` of them."""
     data = text.encode("utf-8")
     cap = len(data) + 8
     arr = (llama_cpp.llama_token * cap)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), arr, cap, True, False)
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), arr, cap, add_special, False)
     if n < 0:
         raise DPEError(f"tokenization failed ({n})")
-    return list(arr[:min(n, n_tokens)])
+    return list(arr[:n if limit is None else min(n, limit)])
 
 
 def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_layers: int = 0,
@@ -279,7 +281,7 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise DPEError(f"text {i} is not a string")
-            ids = _tokenize(llama_cpp, vocab, text, n_tokens)
+            ids = tokenize(llama_cpp, vocab, text, limit=n_tokens)
             if len(ids) < MIN_TOKENS:
                 raise DPEError(f"calibration text {i} has {len(ids)} tokens; each text needs at least "
                                f"{MIN_TOKENS} (give longer samples)")
