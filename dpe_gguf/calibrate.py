@@ -21,7 +21,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ class DetectSettings:
     flash_attn: bool = True
     threads: int | None = None
     scorer: str = "logprob"     # "logprob": mean log-probability of the answer; "hits": greedy answers found
+    parallel: int = 1           # candidate tables measured at once
 
     def candidates(self, L: int) -> list[int]:
         """Divisors T/len for len = T, T/2, ... >= w: 1, 2, 4, ..., and in quick mode only the
@@ -184,41 +187,57 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
              f"(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)
 
     work = Path(tempfile.mkdtemp(prefix="dpe-calibrate-"))
-    samples = None
     results: dict[int, dict[int, float]] = {}
+    key = lambda g, c: f"g{g}/{G}-d{c}-bg{bg}" + ("" if s.scorer == "hits" else f"-{s.scorer}")  # noqa: E731
+    for g in range(G):
+        results[g] = {c: v for c in cands if (v := cache.get(key(g, c))) is not None}
+    todo = [(g, c) for g in range(G) for c in cands if c not in results[g]]
     from tqdm import tqdm
-    bar = tqdm(total=total, disable=quiet, unit="table", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=total - len(todo), disable=quiet, unit="table", file=sys.stderr,
+               dynamic_ncols=True)
+    lock = threading.Lock()
     t_start = time.time()
+
+    def measure(g: int, c: int, samples) -> None:
+        scales = tuple(c if i == g else bg for i in range(G))
+        table_model = work / f"candidate-g{g}-d{c}.dpe.gguf"
+        _convert_candidate(model, table_model, s, scales, keep)
+        try:
+            if s.scorer == "logprob":
+                hit = answer_logprob(table_model, samples, n_ctx, s.ngl, s.flash_attn, s.threads)
+            else:
+                with Server(table_model, n_ctx, ctx_args, settings) as srv:
+                    hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
+                                         for x in samples]))
+        finally:
+            table_model.unlink(missing_ok=True)
+        with lock:
+            cache.put(key(g, c), hit)
+            results[g][c] = hit
+            bar.update(1)
+            bar.set_postfix_str(f"group {g} divisor {c}: {hit:.2f}")
+
     try:
-        def make_samples():
-            # tokenized with the model itself (a small server on the stock weights), once, on demand
+        if todo:
+            # tokenized with the model itself (a small server on the stock weights), once
             with Server(model, 256, ["--dpe", "off"] if has_dpe(open_reader(model)) else [],
                         RunSettings(ngl=0, flash_attn=False, threads=s.threads)) as tok:
                 count = lambda x: len(tok.tokenize(x))  # noqa: E731
-                return evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count)
-        for g in range(G):
-            results[g] = {}
-            for c in cands:
-                key = f"g{g}/{G}-d{c}-bg{bg}" + ("" if s.scorer == "hits" else f"-{s.scorer}")
-                hit = cache.get(key)
-                if hit is None:
-                    scales = tuple(c if i == g else bg for i in range(G))
-                    samples = samples or make_samples()
-                    table_model = work / "candidate.dpe.gguf"
-                    _convert_candidate(model, table_model, s, scales, keep)
-                    if s.scorer == "logprob":
-                        hit = answer_logprob(table_model, samples, n_ctx, s.ngl, s.flash_attn, s.threads)
-                    else:
-                        with Server(table_model, n_ctx, ctx_args, settings) as srv:
-                            hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
-                                                 for x in samples]))
-                    cache.put(key, hit)
-                results[g][c] = hit
-                bar.update(1)
-                bar.set_postfix_str(f"group {g} divisor {c}: {hit:.2f}")
+                samples = evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count)
+            with _quiet_llama_log():
+                if s.parallel > 1:
+                    # candidates are independent: on a GPU a small model leaves room for several at once
+                    from concurrent.futures import ThreadPoolExecutor
+                    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
+                        for f in [pool.submit(measure, g, c, samples) for g, c in todo]:
+                            f.result()
+                else:
+                    for g, c in todo:
+                        measure(g, c, samples)
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
+    results = {g: {c: results[g][c] for c in cands} for g in range(G)}   # candidate order, whatever finished first
     best = [pick(results[g], bg) for g in range(G)]
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
     return tuple(best), {str(g): {str(c): v for c, v in r.items()} for g, r in results.items()}
@@ -230,13 +249,29 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
     after its prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
 
     A graded score: it separates candidate tables that retrieve equally often."""
-    import llama_cpp
+    with _quiet_llama_log():
+        return _answer_logprob(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)
+
+
+@contextmanager
+def _quiet_llama_log():
+    """llama.cpp's log (routed through llama_cpp's Python logger) silenced, then restored: nests, and
+    threads inside one outer use leave it as it was."""
     import llama_cpp._logger as llama_logger
+    saved = llama_logger.logger.level
+    llama_logger.set_verbose(False)
+    try:
+        yield
+    finally:
+        llama_logger.logger.setLevel(saved)
+
+
+def _answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
+                    n_batch: int) -> float:
+    import llama_cpp
 
     from dpe_gguf.selection import tokenize
     llama_cpp.llama_backend_init()
-    saved = llama_logger.logger.level
-    llama_logger.set_verbose(False)
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(ngl)
     lmodel = ctx = batch = None
@@ -298,7 +333,6 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
             llama_cpp.llama_free(ctx)
         if lmodel:
             llama_cpp.llama_model_free(lmodel)
-        llama_logger.logger.setLevel(saved)
 
 
 def pick(scores: dict[int, float], background: int) -> int:
@@ -339,7 +373,8 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
               n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
               task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
               ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              scorer: str = "logprob", scores: Any = None, quiet: bool = False) -> Calibration:
+              scorer: str = "logprob", scores: Any = None, parallel: int = 1,
+              quiet: bool = False) -> Calibration:
     """Run selection and detection for `model`: detection is skipped when `scales` are given,
     selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
     from dpe_gguf.runtime import default_ngl
@@ -383,7 +418,7 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         keep = topk_mask(scores, topk)
     if scales is None:
         s = DetectSettings(target=target, window=window, n_groups=n_groups, task=task, trials=trials, seed=seed,
-                           quick=quick, ngl=ngl, scorer=scorer)
+                           quick=quick, ngl=ngl, scorer=scorer, parallel=parallel)
         scales, detection = detect(model, keep, s, cache, quiet)
     else:
         detection = {}

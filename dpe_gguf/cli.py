@@ -94,7 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                               args.force)   # refuse before spending the calibration time
             # --scores given: detection only (their top-k is the selection)
             cal = calibrate(args.input, args.target_context, window=args.window, topk=args.topk,
-                            quick=args.quick, scores=args.scores, quiet=args.quiet)
+                            quick=args.quick, scores=args.scores, parallel=_parallel(args), quiet=args.quiet)
         params = cal.params()
         if args.calibration:
             params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
@@ -128,6 +128,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parallel(args: argparse.Namespace) -> int:
+    if args.parallel < 1:
+        raise DPEError("--parallel must be at least 1")
+    return args.parallel
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``dpe-gguf calibrate``."""
     from pathlib import Path
@@ -141,7 +147,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(args.model, args.target_context, window=args.window, topk=args.topk, n_groups=args.groups,
                     text=Path(args.text) if args.text else None, trials=args.trials, seed=args.seed,
                     quick=args.quick, ngl=args.ngl, scales=scales, select_frequencies=not args.no_select,
-                    task=args.task, scorer=args.scorer, quiet=args.quiet)
+                    task=args.task, scorer=args.scorer, parallel=_parallel(args), quiet=args.quiet)
     cal.save(out)
     if cal.detection:
         print(format_detection(cal, read_model_info(args.model).context_length))
@@ -220,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text=Path(args.text) if args.text else None, se_window=args.se_window,
         settings=RunSettings(ngl=default_ngl() if args.ngl is None else args.ngl, flash_attn=args.fa == "on",
                              threads=args.threads or env_threads()),
-        ppl_chunks=args.ppl_chunks, parallel=args.parallel)
+        ppl_chunks=args.ppl_chunks, parallel=args.parallel, dpe_label=args.dpe_label)
     if cfg.parallel < 1:
         raise DPEError("--parallel must be at least 1")
     if cfg.settings.ngl == 0:
@@ -236,7 +242,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = E.summarize(rows)
     print(E.format_tables(summary))
     try:
-        E.plot(summary, png_path, title=f"{model.name}: {', '.join(m.label for m in cfg.methods)}")
+        E.plot(summary, png_path, title=f"{model.name}: {', '.join(cfg.label(m) for m in cfg.methods)}")
     except ImportError:
         print(f"{PROG}: matplotlib is missing: no plot (`dpe-gguf report {json_path} --plot X.png` "
               "draws it where matplotlib is installed)", file=sys.stderr)
@@ -333,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target-context T calibrates them (see `dpe-gguf calibrate`)")
     p.add_argument("--from-calibration", metavar="FILE", help="parameters measured by `dpe-gguf calibrate`")
     p.add_argument("--quick", action="store_true", help="calibration: 3 divisors per group, 2 trials")
+    p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
+                   help="calibration: measure N candidate tables at once (GPU; see `dpe-gguf calibrate`)")
     p.add_argument("--topk", type=int, metavar="K",
                    help="scale only the K highest-scoring frequencies per layer and KV head (the scores are "
                         "measured when --scores is not given)")
@@ -366,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction retrieved by greedy decoding")
     p.add_argument("--trials", type=int, metavar="N", help="samples per candidate (default 5, quick 2)")
     p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
+    p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
+                   help="measure N candidate tables at once, each its own llama.cpp context (a GPU has room "
+                        "for several with a small model; on a CPU they share the cores)")
     p.add_argument("--text", metavar="FILE", help="selection text (default: the shipped text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-ngl", "--ngl", type=int, default=None, help="layers on the GPU (default: all with CUDA)")
@@ -394,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=_EVAL_DESC, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", metavar="MODEL.gguf", help="stock or DPE GGUF (default: embedded SmolLM2)")
     p.add_argument("--dpe-model", metavar="FILE", help="the DPE GGUF of method dpe when MODEL has no DPE parameters")
+    p.add_argument("--dpe-label", default="dpe", metavar="NAME",
+                   help="method dpe's name in the table and JSON (default dpe), e.g. to report two DPE tables together")
     p.add_argument("--tasks", default="passkey", help=f"comma list of {', '.join(_EVAL_TASKS)} (default: passkey)")
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="context lengths in tokens, e.g. 4k,8k,16k,32k,64k")
     p.add_argument("--methods", default="vanilla,linear,ntk,yarn,selfextend,dpe",

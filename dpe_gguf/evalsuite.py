@@ -195,6 +195,10 @@ class EvalConfig:
                                                          or Path.home() / ".cache" / "dpe-gguf"))
     ppl_chunks: int = 1
     parallel: int = 1        # methods run at the same time (each its own llama-server)
+    dpe_label: str = "dpe"   # method dpe's name in rows and tables (tell two DPE tables apart in one report)
+
+    def label(self, spec: MethodSpec) -> str:
+        return self.dpe_label if spec.name == "dpe" else spec.label
 
 
 def _check(cfg: EvalConfig) -> None:
@@ -205,6 +209,9 @@ def _check(cfg: EvalConfig) -> None:
         raise DPEError("--trials must be at least 1")
     if not cfg.methods or not cfg.lengths or not cfg.tasks:
         raise DPEError("need at least one method, length and task")
+    labels = [cfg.label(m) for m in cfg.methods]
+    if not cfg.dpe_label.strip() or len(set(labels)) < len(labels):
+        raise DPEError(f"method names must be distinct and not empty: {', '.join(labels)}")
 
 
 def make_all_samples(cfg: EvalConfig, count: Callable[[str], int], haystack: str) -> dict:
@@ -270,8 +277,8 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
         for n in cfg.lengths:
             r = resolved[(spec, n)]
             with lock:
-                bar.set_postfix_str(f"{spec.label} @ {n}")
-            common = dict(method=spec.label, factor=r.factor, model=r.model.name, args=" ".join(r.args), length=n)
+                bar.set_postfix_str(f"{cfg.label(spec)} @ {n}")
+            common = dict(method=cfg.label(spec), factor=r.factor, model=r.model.name, args=" ".join(r.args), length=n)
             if gen_tasks:
                 max_new = max(s.max_tokens for t in gen_tasks for s in samples[(t, n)])
                 n_ctx = n + max_new + 64
@@ -305,7 +312,7 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
         bar.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    order = {m.label: i for i, m in enumerate(cfg.methods)}
+    order = {cfg.label(m): i for i, m in enumerate(cfg.methods)}
     tasks = {t: i for i, t in enumerate(cfg.tasks)}
     rows.sort(key=lambda r: (order[r["method"]], r["length"], tasks[r["task"]], r["trial"]))
     return rows
@@ -395,7 +402,7 @@ def plot(summary: dict, path: Path, title: str = "") -> Path:
 
 def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
     meta = dict(model=str(cfg.model), dpe_model=str(cfg.dpe_model) if cfg.dpe_model else None,
-                tasks=cfg.tasks, lengths=cfg.lengths, methods=[m.label for m in cfg.methods], trials=cfg.trials,
+                tasks=cfg.tasks, lengths=cfg.lengths, methods=[cfg.label(m) for m in cfg.methods], trials=cfg.trials,
                 seed=cfg.seed, text=str(cfg.text) if cfg.text else None, se_window=cfg.se_window,
                 parallel=cfg.parallel, settings=asdict(cfg.settings))
     path = Path(path)

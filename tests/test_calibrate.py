@@ -97,6 +97,30 @@ def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
     assert again.group_scales == first.group_scales and again.detection == first.detection
 
 
+def test_interrupted_run_resumes_in_parallel_with_the_same_result(tiny, tmp_path, monkeypatch):
+    """A cache holding some candidates (an interrupted run) measures only the rest; -j N measures
+    them concurrently, and the calibration equals the serial one."""
+    serial = run(tiny, tmp_path / "serial", monkeypatch)
+    run(tiny, tmp_path / "par", monkeypatch)
+    path, = (tmp_path / "par" / "calibration").glob("*.json")
+    data = json.loads(path.read_text())
+    dropped = [k for k in data if k.startswith("g")][::2]
+    for k in dropped:
+        del data[k]
+    path.write_text(json.dumps(data))
+    measured = []
+    real = C.answer_logprob
+
+    def counting(model, *a, **k):
+        measured.append(model.name)
+        return real(model, *a, **k)
+    monkeypatch.setattr(C, "answer_logprob", counting)
+    resumed = run(tiny, tmp_path / "par", monkeypatch, parallel=3)
+    assert len(measured) == len(dropped) == 6 and len(set(measured)) == 6
+    assert resumed.group_scales == serial.group_scales and resumed.detection == serial.detection
+    assert len(json.loads(path.read_text())) == len(data) + len(dropped)
+
+
 def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
     cal = run(tiny, tmp_path / "cache", monkeypatch)
     cal = C.Calibration(**{**cal.__dict__, "group_scales": (2, 8, 4, 2)})  # a non-trivial table

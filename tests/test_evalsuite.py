@@ -433,6 +433,23 @@ def test_cli_eval_bad_method_and_length(tiny, tmp_path, eval_cache, capsys):
     assert "too short" in capsys.readouterr().err
 
 
+def test_cli_eval_dpe_label_names_the_dpe_rows(tiny, tmp_path, eval_cache, capsys):
+    """--dpe-label keeps two DPE tables apart when their runs are reported together."""
+    plain, dpe = tiny
+    out = tmp_path / "cal"
+    argv = ["eval", str(plain), "--dpe-model", str(dpe), "--dpe-label", "dpe-calibrated", "--tasks", "passkey",
+            "--lengths", "512", "--trials", "1", "--methods", "vanilla,dpe", "--out", str(out), "-t", "2", "-q"]
+    assert main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["config"]["methods"] == ["vanilla", "dpe-calibrated"]
+    assert [(r["method"], r["model"]) for r in data["rows"]] == [("vanilla", plain.name), ("dpe-calibrated", dpe.name)]
+    assert "| dpe-calibrated |" in capsys.readouterr().out
+    # a name that another method already has is refused before anything runs
+    assert main(argv[:-5] + ["--dpe-label", "vanilla", "--out", str(tmp_path / "dup"), "-q"]) == 2
+    assert "distinct" in capsys.readouterr().err
+    assert not (tmp_path / "dup.json").exists()
+
+
 # ---------------------------------------------------------------- SmolLM2
 
 @needs_smollm2
