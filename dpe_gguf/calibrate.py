@@ -3,13 +3,18 @@ lengths, both measured through the patched llama.cpp.
 
 1. Selection: :func:`dpe_gguf.selection.key_scores` on ordinary text (the shipped haystack or
    ``--text``); the top-k frequencies per (layer, KV head) get divisors, the others keep 1.
-2. Detection: for the target length T, every group but the one under test is held at divisor
-   2T/L; the group under test sweeps divisors 1, 2, 4, ... up to T/w (lengths T, T/2, ... down to
-   the window); each candidate table runs the multi-needle retrieval task at length T through
-   llama-server; the best divisor per group wins (ties: the one nearest 2T/L, then the smaller).
+2. Detection: for the target length T, every group but the one under test is held at a background
+   divisor, 2T/L (the spec) or, with ``background="uniform"``, the best uniform divisor found by a
+   first sweep of uniform (Self-Extend) tables; the group under test sweeps divisors 1, 2, 4, ... up
+   to T/w (lengths T, T/2, ... down to the window); each candidate table is scored on the same
+   multi-needle prompts at length T (the answer's teacher-forced log-probability, or greedy hits).
+   The best divisor per group wins; candidates within the prompts' noise of the best (paired
+   differences under two standard errors) count as tied, and a tie keeps the divisor nearest the
+   background: a group is moved off the background only where the measurement says so.
 
-Every candidate's score is cached in a JSON file keyed by the model's sha256 and the settings, so an
-interrupted run resumes, and a finished one is reused. ``calibrate`` returns (and writes) a
+Every candidate table's per-prompt scores are cached in a JSON file keyed by the model's sha256 and
+the settings, so an interrupted run resumes, a finished one is reused, and a table measured twice
+(every group's sweep contains the background table) runs once. ``calibrate`` returns (and writes) a
 :class:`Calibration` that ``dpe-gguf convert --from-calibration FILE`` turns into a DPE GGUF.
 """
 from __future__ import annotations
@@ -52,14 +57,15 @@ class DetectSettings:
     threads: int | None = None
     scorer: str = "logprob"     # "logprob": mean log-probability of the answer; "hits": greedy answers found
     parallel: int = 1           # candidate tables measured at once
+    background: str = "fixed"   # "fixed": the others hold 2T/L; "uniform": the best uniform divisor, swept first
 
-    def candidates(self, L: int) -> list[int]:
+    def candidates(self, L: int, around: int | None = None) -> list[int]:
         """Divisors T/len for len = T, T/2, ... >= w: 1, 2, 4, ..., and in quick mode only the
-        three around the background divisor 2T/L."""
+        three around `around` (default: the background divisor 2T/L)."""
         top = max(1, self.target // self.window)
         cands = [1 << i for i in range(int(math.log2(top)) + 1)]
         if self.quick:
-            bg = background_divisor(self.target, L)
+            bg = around or background_divisor(self.target, L)
             cands = [c for c in cands if bg / 2 <= c <= bg * 2] or cands[-1:]
         return cands
 
@@ -78,8 +84,11 @@ class Calibration:
     topk: int
     group_scales: tuple[int, ...]
     scores: list | None               # (n_layer, n_head_kv, F) selection scores, None without selection
-    detection: dict = field(default_factory=dict)   # group -> {divisor: score}
+    detection: dict = field(default_factory=dict)   # group -> {divisor: mean score}
     settings: dict = field(default_factory=dict)
+    background: int = 0                             # divisor the other groups held (0: no detection)
+    uniform: dict = field(default_factory=dict)     # divisor -> per-prompt scores of the uniform sweep
+    per_prompt: dict = field(default_factory=dict)  # group -> {divisor: per-prompt scores}
     seconds: float = 0.0
     version: int = CALIBRATION_VERSION
 
@@ -88,7 +97,10 @@ class Calibration:
                 f"{self.settings.get('text') or 'the shipped text'} ({self.settings.get('sel_samples')} x "
                 f"{self.settings.get('sel_tokens')} tokens); detection {self.settings.get('task')} at "
                 f"{self.target} tokens, {self.settings.get('trials')} trials, seed {self.settings.get('seed')}"
-                f"{', quick' if self.settings.get('quick') else ''}")
+                f"{', quick' if self.settings.get('quick') else ''}"
+                + (f", others held at {self.background}"
+                   + (" (best uniform)" if self.settings.get("background") == "uniform" else " (2T/L)")
+                   if self.background else ""))
         return DPEParams(window=self.window, group_scales=tuple(self.group_scales),
                          topk=self.topk if self.scores is not None else None,
                          target_context=self.target, calibration=note)
@@ -160,10 +172,14 @@ def select(model: Path, text: Path | None, n_samples: int, n_tokens: int, seed: 
     return key_scores(model, texts, n_tokens=n_tokens, n_gpu_layers=ngl, progress=not quiet)
 
 
+def _table_key(scales: tuple[int, ...]) -> str:
+    return "t" + ",".join(map(str, scales))
+
+
 def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cache,
-           quiet: bool = False) -> tuple[tuple[int, ...], dict]:
-    """Per-group divisors by the section-4 sweep; returns (scales, {group: {divisor: score}})."""
-    from dpe_gguf.convert import convert
+           quiet: bool = False) -> "Detection":
+    """Per-group divisors by the section-4 sweep (after a uniform sweep choosing the background
+    divisor when ``s.background == "uniform"``)."""
     from dpe_gguf.runtime import RunSettings, Server
     info = read_model_info(model)
     L = info.context_length
@@ -174,83 +190,112 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     G = s.n_groups
     if not 1 <= G <= info.n_freq:
         raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
-    bg = background_divisor(s.target, L)
-    cands = s.candidates(L)
+    prior = background_divisor(s.target, L)
     settings = RunSettings(ngl=s.ngl, flash_attn=s.flash_attn, threads=s.threads)
     n_ctx = s.target + evaltasks.MAX_TOKENS[s.task] + 64
     ctx_args = ["--override-kv", f"{info.arch}.context_length=int:{n_ctx}"]
-    total = G * len(cands)
-    _say(f"detection: {G} groups x divisors {cands} (others at {bg}), {s.trials} {s.task} trials at "
-         f"{s.target} tokens: {total} candidate tables, {total * s.trials} prompts", quiet)
     if s.ngl == 0:
         _say("detection runs on the CPU: prompts of this length take minutes each; a CUDA build "
              f"(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)
-
     work = Path(tempfile.mkdtemp(prefix="dpe-calibrate-"))
-    results: dict[int, dict[int, float]] = {}
-    key = lambda g, c: f"g{g}/{G}-d{c}-bg{bg}" + ("" if s.scorer == "hits" else f"-{s.scorer}")  # noqa: E731
-    for g in range(G):
-        results[g] = {c: v for c in cands if (v := cache.get(key(g, c))) is not None}
-    todo = [(g, c) for g in range(G) for c in cands if c not in results[g]]
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=total - len(todo), disable=quiet, unit="table", file=sys.stderr,
-               dynamic_ncols=True)
     lock = threading.Lock()
+    measured: dict[tuple[int, ...], list[float]] = {}
+    samples: list = []
     t_start = time.time()
 
-    def measure(g: int, c: int, samples) -> None:
-        scales = tuple(c if i == g else bg for i in range(G))
-        table_model = work / f"candidate-g{g}-d{c}.dpe.gguf"
+    def measure(scales: tuple[int, ...], bar) -> None:
+        table_model = work / f"candidate-{'-'.join(map(str, scales))}.dpe.gguf"
         _convert_candidate(model, table_model, s, scales, keep)
         try:
             if s.scorer == "logprob":
-                hit = answer_logprob(table_model, samples, n_ctx, s.ngl, s.flash_attn, s.threads)
+                per = answer_logprobs(table_model, samples, n_ctx, s.ngl, s.flash_attn, s.threads)
             else:
                 with Server(table_model, n_ctx, ctx_args, settings) as srv:
-                    hit = float(np.mean([evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"])
-                                         for x in samples]))
+                    per = [evaltasks.score(x, srv.complete(x.prompt, x.max_tokens)["text"]) for x in samples]
         finally:
             table_model.unlink(missing_ok=True)
         with lock:
-            cache.put(key(g, c), hit)
-            results[g][c] = hit
+            cache.put(_table_key(scales), per)
+            measured[scales] = per
             bar.update(1)
-            bar.set_postfix_str(f"group {g} divisor {c}: {hit:.2f}")
+            bar.set_postfix_str(f"{','.join(map(str, scales))}: {np.mean(per):.2f}")
 
-    try:
-        if todo:
+    def run_tables(tables: list[tuple[int, ...]], what: str) -> None:
+        """Measure the tables the cache lacks (several at once with s.parallel > 1)."""
+        tables = list(dict.fromkeys(tables))
+        for t in tables:
+            if (v := cache.get(_table_key(t))) is not None:
+                measured[t] = v
+        todo = [t for t in tables if t not in measured]
+        _say(f"{what}: {len(tables)} candidate tables ({len(tables) - len(todo)} cached), {s.trials} {s.task} "
+             f"trials each at {s.target} tokens", quiet)
+        if not todo:
+            return
+        if not samples:
             # tokenized with the model itself (a small server on the stock weights), once
             with Server(model, 256, ["--dpe", "off"] if has_dpe(open_reader(model)) else [],
                         RunSettings(ngl=0, flash_attn=False, threads=s.threads)) as tok:
                 count = lambda x: len(tok.tokenize(x))  # noqa: E731
-                samples = evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count)
-            with _quiet_llama_log():
-                if s.parallel > 1:
-                    # candidates are independent: on a GPU a small model leaves room for several at once
-                    from concurrent.futures import ThreadPoolExecutor
-                    with ThreadPoolExecutor(max_workers=s.parallel) as pool:
-                        for f in [pool.submit(measure, g, c, samples) for g, c in todo]:
-                            f.result()
-                else:
-                    for g, c in todo:
-                        measure(g, c, samples)
+                samples.extend(evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count))
+        from tqdm import tqdm
+        with tqdm(total=len(todo), disable=quiet, unit="table", file=sys.stderr, dynamic_ncols=True) as bar, \
+                _quiet_llama_log():
+            if s.parallel > 1:
+                # candidates are independent: on a GPU a small model leaves room for several at once
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(max_workers=s.parallel) as pool:
+                    for f in [pool.submit(measure, t, bar) for t in todo]:
+                        f.result()
+            else:
+                for t in todo:
+                    measure(t, bar)
+
+    try:
+        uniform: dict[int, list[float]] = {}
+        bg = prior
+        if s.background == "uniform":
+            ucands = s.candidates(L, prior)
+            run_tables([(c,) * G for c in ucands], "uniform sweep (Self-Extend divisors)")
+            uniform = {c: measured[(c,) * G] for c in ucands}
+            bg = pick(uniform, prior)
+        cands = s.candidates(L, bg)
+        tables = {(g, c): tuple(c if i == g else bg for i in range(G)) for g in range(G) for c in cands}
+        run_tables(list(tables.values()), f"group sweep (others at {bg})")
     finally:
-        bar.close()
         shutil.rmtree(work, ignore_errors=True)
-    results = {g: {c: results[g][c] for c in cands} for g in range(G)}   # candidate order, whatever finished first
-    best = [pick(results[g], bg) for g in range(G)]
+    per_group = {g: {c: measured[tables[(g, c)]] for c in cands} for g in range(G)}
+    scales = tuple(pick(per_group[g], bg) for g in range(G))
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
-    return tuple(best), {str(g): {str(c): v for c, v in r.items()} for g, r in results.items()}
+    return Detection(scales=scales, background=bg, prior=prior, uniform=uniform, groups=per_group)
+
+
+@dataclass
+class Detection:
+    """What the sweeps measured: per-sample scores of every candidate (same prompts for all)."""
+    scales: tuple[int, ...]
+    background: int                          # the divisor the other groups held
+    prior: int                               # 2T/L
+    uniform: dict[int, list[float]]          # divisor -> scores (empty unless background "uniform")
+    groups: dict[int, dict[int, list[float]]]  # group -> divisor -> scores
+
+    def means(self) -> dict:
+        return {str(g): {str(c): float(np.mean(v)) for c, v in by.items()} for g, by in self.groups.items()}
+
+
+def answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
+                    n_batch: int = 2048) -> list[float]:
+    """Per sample, the mean log-probability of the sample's first answer, teacher-forced after its
+    prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
+
+    A graded score: it separates candidate tables that retrieve equally often."""
+    with _quiet_llama_log():
+        return _answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)
 
 
 def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
                    n_batch: int = 2048) -> float:
-    """Mean over samples of the mean log-probability of the sample's first answer, teacher-forced
-    after its prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
-
-    A graded score: it separates candidate tables that retrieve equally often."""
-    with _quiet_llama_log():
-        return _answer_logprob(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)
+    """The mean of :func:`answer_logprobs` over the samples."""
+    return float(np.mean(answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)))
 
 
 @contextmanager
@@ -266,8 +311,8 @@ def _quiet_llama_log():
         llama_logger.logger.setLevel(saved)
 
 
-def _answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
-                    n_batch: int) -> float:
+def _answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
+                     n_batch: int) -> list[float]:
     import llama_cpp
 
     from dpe_gguf.selection import tokenize
@@ -325,7 +370,7 @@ def _answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool
                         m = logits.max()
                         logp.append(logits[ids[p + 1]] - m - math.log(np.exp(logits - m).sum()))
             per_sample.append(float(np.mean(logp)))
-        return float(np.mean(per_sample))
+        return per_sample
     finally:
         if batch is not None:
             llama_cpp.llama_batch_free(batch)
@@ -335,11 +380,27 @@ def _answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool
             llama_cpp.llama_model_free(lmodel)
 
 
-def pick(scores: dict[int, float], background: int) -> int:
-    """The best-scoring divisor; among equal scores the one nearest the background divisor 2T/L
-    (in log2), then the smaller: a sweep that cannot tell candidates apart keeps the prior."""
-    top = max(scores.values())
-    tied = [c for c, v in scores.items() if v == top]
+def as_good(best: list[float], other: list[float], z: float = 2.0) -> bool:
+    """True when `other` is not measurably worse than `best`: scores on the same prompts, so the
+    per-prompt differences are paired; their mean must exceed `z` standard errors to count. With one
+    prompt only an exact tie counts."""
+    d = np.asarray(best, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    m = float(d.mean())
+    if m <= 0:
+        return True
+    if len(d) < 2:
+        return False
+    return m <= z * float(d.std(ddof=1)) / math.sqrt(len(d))
+
+
+def pick(scores: dict[int, Any], background: int) -> int:
+    """The best divisor: among the candidates whose scores (a list per prompt, or one number) are
+    as good as the best mean's within the noise of the prompts (:func:`as_good`), the one nearest
+    the background divisor (in log2), then the smaller. A sweep that cannot tell candidates apart
+    keeps the background."""
+    per = {c: np.atleast_1d(np.asarray(v, dtype=np.float64)) for c, v in scores.items()}
+    best = max(per, key=lambda c: (per[c].mean(), -c))
+    tied = [c for c in per if as_good(per[best], per[c])]
     return min(tied, key=lambda c: (abs(math.log2(c) - math.log2(background)), c))
 
 
@@ -353,27 +414,42 @@ def _convert_candidate(src: Path, out: Path, s: DetectSettings, scales, keep: np
 
 
 def format_detection(cal: Calibration, L: int) -> str:
-    """The per-group table and why each divisor won."""
-    lines = [f"{'group':>5}  " + "  ".join(f"{'d=' + c:>6}" for c in next(iter(cal.detection.values())).keys())
-             + "   chosen  why"]
-    bg = background_divisor(cal.target, L)
+    """The per-group table (mean scores) and why each divisor won."""
+    prior = background_divisor(cal.target, L)
+    bg = cal.background or prior
+    first = next(iter(cal.detection.values()))
+    lines = []
+    if cal.uniform:
+        means = {c: float(np.mean(v)) for c, v in cal.uniform.items()}
+        lines.append("uniform sweep (every group the same divisor: Self-Extend): "
+                     + "  ".join(f"d={c} {v:.2f}" for c, v in means.items())
+                     + f"  -> background {bg}:" + _why(cal.uniform, bg, prior, "2T/L"))
+    lines.append(f"{'group':>5}  " + "  ".join(f"{'d=' + c:>6}" for c in first) + "   chosen  why")
     for g, by in cal.detection.items():
-        vals = list(by.values())
         chosen = cal.group_scales[int(g)]
-        top = max(vals)
-        ties = [c for c, v in by.items() if v == top]
-        why = (f"best score {top:.2f}" + (f", tied with {', '.join(c for c in ties if int(c) != chosen)}: the "
-                                          "divisor nearest 2T/L wins" if len(ties) > 1 else ""))
-        lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in vals) + f"   {chosen:>6}  {why}")
-    lines.append(f"(other groups held at divisor {bg} = 2T/L while one group is swept)")
+        per = cal.per_prompt.get(g) or {c: [v] for c, v in by.items()}
+        lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in by.values()) + f"   {chosen:>6} "
+                     + _why(per, chosen, bg, "the background"))
+    lines.append(f"(other groups held at divisor {bg}" + (" = 2T/L" if bg == prior else " (best uniform)")
+                 + " while one group is swept; scores: mean log-probability of the answer, higher is better)")
     return "\n".join(lines)
+
+
+def _why(per: dict, chosen: int, prior: int, prior_name: str) -> str:
+    arrays = {str(c): np.asarray(v, dtype=np.float64) for c, v in per.items()}
+    best = max(arrays, key=lambda c: (arrays[c].mean(), -int(c)))
+    tied = [c for c in arrays if c != best and as_good(arrays[best], arrays[c])]
+    if not tied:
+        return f" best mean {arrays[best].mean():.2f}, clearly"
+    return (f" best mean {arrays[best].mean():.2f} (d={best}); within the prompts' noise: "
+            f"{', '.join('d=' + c for c in tied)}; the one nearest {prior_name} ({prior}) wins")
 
 
 def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,
               n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
               task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
               ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              scorer: str = "logprob", scores: Any = None, parallel: int = 1,
+              scorer: str = "logprob", scores: Any = None, parallel: int = 1, background: str = "fixed",
               quiet: bool = False) -> Calibration:
     """Run selection and detection for `model`: detection is skipped when `scales` are given,
     selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
@@ -394,14 +470,20 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     sha = file_sha256(model)
     settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
                     sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
-                    quick=quick, select=select_frequencies, scorer=scorer)
+                    quick=quick, select=select_frequencies, scorer=scorer, background=background)
     given = None
     if scores is not None:
         from dpe_gguf.convert import load_scores
         scores = load_scores(scores, info)     # folded, checked against the model
         given = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
         settings["select"] = "given scores"
-    tag = hashlib.sha256(json.dumps({**settings, "sha": sha, "scores": given}, sort_keys=True).encode()).hexdigest()[:16]
+    if background not in ("fixed", "uniform"):
+        raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
+    # measurements are keyed by candidate table inside the file, so quick and full runs, and either
+    # background, share one cache
+    shared = {k: v for k, v in settings.items() if k not in ("quick", "background")}
+    tag = hashlib.sha256(json.dumps({**shared, "sha": sha, "scores": given, "cache": 2},
+                                    sort_keys=True).encode()).hexdigest()[:16]
     cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
     _say(f"calibration cache: {cache.path}", quiet)
 
@@ -418,10 +500,14 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         keep = topk_mask(scores, topk)
     if scales is None:
         s = DetectSettings(target=target, window=window, n_groups=n_groups, task=task, trials=trials, seed=seed,
-                           quick=quick, ngl=ngl, scorer=scorer, parallel=parallel)
-        scales, detection = detect(model, keep, s, cache, quiet)
+                           quick=quick, ngl=ngl, scorer=scorer, parallel=parallel, background=background)
+        d = detect(model, keep, s, cache, quiet)
+        scales, found = d.scales, dict(detection=d.means(), background=d.background,
+                                       uniform={str(c): v for c, v in d.uniform.items()},
+                                       per_prompt={str(g): {str(c): v for c, v in by.items()}
+                                                   for g, by in d.groups.items()})
     else:
-        detection = {}
+        found = {}
     return Calibration(model_sha256=sha, target=target, window=window, topk=topk, group_scales=tuple(scales),
-                       scores=None if scores is None else scores.tolist(), detection=detection,
-                       settings=settings, seconds=round(time.time() - t0, 1))
+                       scores=None if scores is None else scores.tolist(), settings=settings,
+                       seconds=round(time.time() - t0, 1), **found)

@@ -147,7 +147,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     cal = calibrate(args.model, args.target_context, window=args.window, topk=args.topk, n_groups=args.groups,
                     text=Path(args.text) if args.text else None, trials=args.trials, seed=args.seed,
                     quick=args.quick, ngl=args.ngl, scales=scales, select_frequencies=not args.no_select,
-                    task=args.task, scorer=args.scorer, parallel=_parallel(args), quiet=args.quiet)
+                    task=args.task, scorer=args.scorer, parallel=_parallel(args), background=args.background,
+                    quiet=args.quiet)
     cal.save(out)
     if cal.detection:
         print(format_detection(cal, read_model_info(args.model).context_length))
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction retrieved by greedy decoding")
     p.add_argument("--trials", type=int, metavar="N", help="samples per candidate (default 5, quick 2)")
     p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
+    p.add_argument("--background", choices=("fixed", "uniform"), default="fixed",
+                   help="what the other groups hold while one is swept: fixed = 2T/L (dpe-spec section 4, "
+                        "default); uniform = the best uniform divisor, found by a first sweep of uniform tables")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
                    help="measure N candidate tables at once, each its own llama.cpp context (a GPU has room "
                         "for several with a small model; on a CPU they share the cores)")

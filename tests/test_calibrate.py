@@ -44,6 +44,19 @@ def test_ties_keep_the_background_divisor():
     assert C.pick({4: 0.2, 8: 0.5, 16: 1.0}, 8) == 16         # a clear winner wins
 
 
+def test_differences_inside_the_prompts_noise_are_ties():
+    # per-prompt scores of three candidates on the same 4 prompts
+    noisy = {4: [-0.50, -0.70, -0.40, -0.60], 8: [-0.55, -0.62, -0.48, -0.58], 16: [-0.45, -0.66, -0.42, -0.61]}
+    assert C.pick(noisy, 8) == 8            # 16 has the best mean, but not by more than the noise
+    assert C.as_good(noisy[16], noisy[8]) and C.as_good(noisy[16], noisy[4])
+    clear = {4: [-1.5, -1.7, -1.4, -1.6], 8: [-0.55, -0.62, -0.48, -0.58], 16: [-0.35, -0.42, -0.28, -0.38]}
+    assert C.pick(clear, 8) == 16           # better on every prompt by 0.2: moved off the background
+    assert not C.as_good(clear[16], clear[8])
+    # one prompt: only an exact tie is a tie; a constant difference has no noise
+    assert not C.as_good([-0.5], [-0.51]) and C.as_good([-0.5], [-0.5])
+    assert not C.as_good([-0.5, -0.6], [-0.51, -0.61])
+
+
 def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, monkeypatch):
     a = run(tiny, tmp_path / "a", monkeypatch)
     b = run(tiny, tmp_path / "b", monkeypatch)   # a separate cache: measured again
@@ -55,10 +68,15 @@ def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, 
     assert not np.array_equal(a.score_array(), c.score_array())
     # every group's candidates were scored (log-probabilities: graded, negative), the best one won,
     # and the scores depend on the group's divisor (the candidate tables really differ)
+    assert a.background == 4 and not a.uniform                 # 2T/L
     for g, by in a.detection.items():
         assert list(by) == ["2", "4", "8"]
         assert all(v < 0 for v in by.values())
-        assert by[str(a.group_scales[int(g)])] == max(by.values())
+        per = a.per_prompt[g]
+        assert all(len(v) == 1 and np.isclose(np.mean(v), by[c]) for c, v in per.items())
+        assert a.group_scales[int(g)] == C.pick({int(c): v for c, v in per.items()}, 4)
+    # every group's sweep contains the background table 4,4,4,4: one measurement, the same score
+    assert len({by["4"] for by in a.detection.values()}) == 1
     assert len({round(v, 9) for by in a.detection.values() for v in by.values()}) > 3
 
 
@@ -86,12 +104,13 @@ def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
     cache_files = list((tmp_path / "calibration").glob("*.json"))
     assert len(cache_files) == 1
     data = json.loads(cache_files[0].read_text())
-    assert "selection" in data and len([k for k in data if k.startswith("g")]) == 12
+    # 4 groups x 3 divisors, the background table 4,4,4,4 shared by the four sweeps: 9 tables
+    assert "selection" in data and len([k for k in data if k.startswith("t")]) == 9
 
     def no_server(*a, **k):
         raise AssertionError("a cached calibration must not run the model again")
     monkeypatch.setattr("dpe_gguf.runtime.Server.__enter__", no_server)
-    monkeypatch.setattr(C, "answer_logprob", no_server)
+    monkeypatch.setattr(C, "answer_logprobs", no_server)
     monkeypatch.setattr("dpe_gguf.selection.key_scores", no_server)
     again = run(tiny, tmp_path, monkeypatch)
     assert again.group_scales == first.group_scales and again.detection == first.detection
@@ -104,21 +123,49 @@ def test_interrupted_run_resumes_in_parallel_with_the_same_result(tiny, tmp_path
     run(tiny, tmp_path / "par", monkeypatch)
     path, = (tmp_path / "par" / "calibration").glob("*.json")
     data = json.loads(path.read_text())
-    dropped = [k for k in data if k.startswith("g")][::2]
+    dropped = [k for k in data if k.startswith("t")][::2]
     for k in dropped:
         del data[k]
     path.write_text(json.dumps(data))
     measured = []
-    real = C.answer_logprob
+    real = C.answer_logprobs
 
     def counting(model, *a, **k):
         measured.append(model.name)
         return real(model, *a, **k)
-    monkeypatch.setattr(C, "answer_logprob", counting)
+    monkeypatch.setattr(C, "answer_logprobs", counting)
     resumed = run(tiny, tmp_path / "par", monkeypatch, parallel=3)
-    assert len(measured) == len(dropped) == 6 and len(set(measured)) == 6
+    assert len(measured) == len(dropped) == 5 and len(set(measured)) == 5
     assert resumed.group_scales == serial.group_scales and resumed.detection == serial.detection
     assert len(json.loads(path.read_text())) == len(data) + len(dropped)
+
+
+def test_uniform_background_sweeps_uniform_tables_first(tiny, tmp_path, monkeypatch, capsys):
+    """background="uniform": the best uniform (Self-Extend) divisor is measured first and the others
+    hold it; the cache is shared with a fixed-background run (tables, not runs, are its keys)."""
+    u = run(tiny, tmp_path, monkeypatch, background="uniform")
+    assert list(u.uniform) == ["2", "4", "8"] and all(len(v) == 1 for v in u.uniform.values())
+    assert u.background == C.pick({int(c): v for c, v in u.uniform.items()}, 4)
+    bg = u.background
+    cands = [c for c in (1, 2, 4, 8, 16) if bg / 2 <= c <= bg * 2]
+    for g, by in u.detection.items():
+        assert list(by) == [str(c) for c in cands]
+        assert np.isclose(by[str(bg)], np.mean(u.uniform[str(bg)]))      # the uniform table itself
+    assert "others held at" in u.params().calibration
+    text = C.format_detection(u, 1024)
+    assert text.startswith("uniform sweep") and f"-> background {bg}" in text
+
+    measured = []
+    real = C.answer_logprobs
+    monkeypatch.setattr(C, "answer_logprobs", lambda m, *a, **k: measured.append(m.name) or real(m, *a, **k))
+    f = run(tiny, tmp_path, monkeypatch)            # fixed background 4: tables around 4
+    table = lambda g, c, b: tuple(c if i == g else b for i in range(4))  # noqa: E731
+    had = {(c,) * 4 for c in (2, 4, 8)} | {table(g, c, bg) for g in range(4) for c in cands}
+    wanted = {table(g, c, 4) for g in range(4) for c in (2, 4, 8)}
+    assert len(measured) == len(wanted - had) < len(wanted)
+    assert f.background == 4 and not f.uniform
+    with pytest.raises(C.DPEError, match="background"):
+        run(tiny, tmp_path, monkeypatch, background="median")
 
 
 def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
