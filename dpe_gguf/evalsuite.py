@@ -361,11 +361,22 @@ def format_tables(summary: dict) -> str:
     return "\n".join(out)
 
 
+def method_colors(summary: dict) -> dict:
+    """One colour per method, the same in every panel (methods in first-seen order over all tasks)."""
+    import matplotlib
+    methods = list(dict.fromkeys(m for by_m in summary.values() for m in by_m))
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
 def plot(summary: dict, path: Path, title: str = "") -> Path:
-    """One panel per task: score (or perplexity, log scale) against context length, one line per method."""
+    """One panel per task: score (or perplexity, log scale) against context length, one line per
+    method, each method one colour throughout; one legend of every method."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    colors = method_colors(summary)
     tasks = list(summary)
     cols = min(3, len(tasks))
     rows_n = math.ceil(len(tasks) / cols)
@@ -373,7 +384,7 @@ def plot(summary: dict, path: Path, title: str = "") -> Path:
     for ax, task in zip(axes.flat, tasks):
         for m, by_len in summary[task].items():
             xs = sorted(by_len)
-            ax.plot(xs, [by_len[x][0] for x in xs], marker="o", label=m)
+            ax.plot(xs, [by_len[x][0] for x in xs], marker="o", label=m, color=colors[m])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({x for b in summary[task].values() for x in b}))
         ax.set_xticklabels([_len_label(x) for x in ax.get_xticks()])
@@ -388,10 +399,11 @@ def plot(summary: dict, path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
+    fig.legend(handles=[Line2D([], [], color=c, marker="o", label=m) for m, c in colors.items()],
+               loc="center right", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))   # room on the right for the legend
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

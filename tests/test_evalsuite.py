@@ -183,6 +183,16 @@ def test_format_tables_leaves_missing_cells_empty():
     assert "| a | 1/1 |  |" in lines and "| b |  | 0/1 |" in lines
 
 
+def test_each_method_keeps_one_colour_in_every_panel():
+    summary = {"passkey": {"vanilla": {4096: (1.0, 1)}, "dpe": {4096: (1.0, 1)}},
+               "ppl": {"dpe": {4096: (9.0, 1)}, "ntk": {4096: (9.5, 1)}, "vanilla": {4096: (12.0, 1)}}}
+    colors = E.method_colors(summary)
+    assert list(colors) == ["vanilla", "dpe", "ntk"]          # first seen over all tasks
+    assert len(set(colors.values())) == 3
+    many = {"passkey": {f"m{i}": {4096: (1.0, 1)} for i in range(14)}}
+    assert len(set(E.method_colors(many).values())) == 14     # past ten methods: a larger palette
+
+
 def test_plot_writes_a_png_with_a_ppl_panel(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import matplotlib
