@@ -266,7 +266,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     per_group = {g: {c: measured[tables[(g, c)]] for c in cands} for g in range(G)}
     scales = tuple(pick(per_group[g], bg) for g in range(G))
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
-    return Detection(scales=scales, background=bg, prior=prior, uniform=uniform, groups=per_group)
+    return Detection(scales=scales, background=bg, uniform=uniform, groups=per_group)
 
 
 @dataclass
@@ -274,7 +274,6 @@ class Detection:
     """What the sweeps measured: per-sample scores of every candidate (same prompts for all)."""
     scales: tuple[int, ...]
     background: int                          # the divisor the other groups held
-    prior: int                               # 2T/L
     uniform: dict[int, list[float]]          # divisor -> scores (empty unless background "uniform")
     groups: dict[int, dict[int, list[float]]]  # group -> divisor -> scores
 
@@ -423,19 +422,19 @@ def format_detection(cal: Calibration, L: int) -> str:
         means = {c: float(np.mean(v)) for c, v in cal.uniform.items()}
         lines.append("uniform sweep (every group the same divisor: Self-Extend): "
                      + "  ".join(f"d={c} {v:.2f}" for c, v in means.items())
-                     + f"  -> background {bg}:" + _why(cal.uniform, bg, prior, "2T/L"))
+                     + f"  -> background {bg}:" + _why(cal.uniform, prior, "2T/L"))
     lines.append(f"{'group':>5}  " + "  ".join(f"{'d=' + c:>6}" for c in first) + "   chosen  why")
     for g, by in cal.detection.items():
         chosen = cal.group_scales[int(g)]
         per = cal.per_prompt.get(g) or {c: [v] for c, v in by.items()}
         lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in by.values()) + f"   {chosen:>6} "
-                     + _why(per, chosen, bg, "the background"))
+                     + _why(per, bg, "the background"))
     lines.append(f"(other groups held at divisor {bg}" + (" = 2T/L" if bg == prior else " (best uniform)")
                  + " while one group is swept; scores: mean log-probability of the answer, higher is better)")
     return "\n".join(lines)
 
 
-def _why(per: dict, chosen: int, prior: int, prior_name: str) -> str:
+def _why(per: dict, prior: int, prior_name: str) -> str:
     arrays = {str(c): np.asarray(v, dtype=np.float64) for c, v in per.items()}
     best = max(arrays, key=lambda c: (arrays[c].mean(), -int(c)))
     tied = [c for c in arrays if c != best and as_good(arrays[best], arrays[c])]
@@ -466,6 +465,8 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         raise DPEError(f"window {window} is not below the trained context {L}")
     if target <= L:
         raise DPEError(f"target context {target} is not above the trained context {L}")
+    if background not in ("fixed", "uniform"):
+        raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
     t0 = time.time()
     sha = file_sha256(model)
     settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
@@ -477,8 +478,6 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         scores = load_scores(scores, info)     # folded, checked against the model
         given = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
         settings["select"] = "given scores"
-    if background not in ("fixed", "uniform"):
-        raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
     # measurements are keyed by candidate table inside the file, so quick and full runs, and either
     # background, share one cache
     shared = {k: v for k, v in settings.items() if k not in ("quick", "background")}
