@@ -28,7 +28,6 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from dpe_gguf import evaltasks
 from dpe_gguf.errors import DPEError
 from dpe_gguf.model_info import has_dpe, open_reader, read_model_info
 from dpe_gguf.params import DPEParams, topk_mask
+from dpe_gguf.selection import quiet_llama_log
 
 CALIBRATION_VERSION = 1
 
@@ -239,7 +239,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
                 samples.extend(evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count))
         from tqdm import tqdm
         with tqdm(total=len(todo), disable=quiet, unit="table", file=sys.stderr, dynamic_ncols=True) as bar, \
-                _quiet_llama_log():
+                quiet_llama_log():
             if s.parallel > 1:
                 # candidates are independent: on a GPU a small model leaves room for several at once
                 from concurrent.futures import ThreadPoolExecutor
@@ -287,7 +287,7 @@ def answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool
     prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
 
     A graded score: it separates candidate tables that retrieve equally often."""
-    with _quiet_llama_log():
+    with quiet_llama_log():
         return _answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)
 
 
@@ -295,19 +295,6 @@ def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool,
                    n_batch: int = 2048) -> float:
     """The mean of :func:`answer_logprobs` over the samples."""
     return float(np.mean(answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)))
-
-
-@contextmanager
-def _quiet_llama_log():
-    """llama.cpp's log (routed through llama_cpp's Python logger) silenced, then restored: nests, and
-    threads inside one outer use leave it as it was."""
-    import llama_cpp._logger as llama_logger
-    saved = llama_logger.logger.level
-    llama_logger.set_verbose(False)
-    try:
-        yield
-    finally:
-        llama_logger.logger.setLevel(saved)
 
 
 def _answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
@@ -392,14 +379,20 @@ def as_good(best: list[float], other: list[float], z: float = 2.0) -> bool:
     return m <= z * float(d.std(ddof=1)) / math.sqrt(len(d))
 
 
+def _best_and_tied(scores: dict) -> tuple[Any, list]:
+    """The candidate with the best mean (the smaller on equal means) and every candidate as good as
+    it within the prompts' noise (itself included)."""
+    per = {c: np.atleast_1d(np.asarray(v, dtype=np.float64)) for c, v in scores.items()}
+    best = max(per, key=lambda c: (per[c].mean(), -int(c)))
+    return best, [c for c in per if as_good(per[best], per[c])]
+
+
 def pick(scores: dict[int, Any], background: int) -> int:
     """The best divisor: among the candidates whose scores (a list per prompt, or one number) are
     as good as the best mean's within the noise of the prompts (:func:`as_good`), the one nearest
     the background divisor (in log2), then the smaller. A sweep that cannot tell candidates apart
     keeps the background."""
-    per = {c: np.atleast_1d(np.asarray(v, dtype=np.float64)) for c, v in scores.items()}
-    best = max(per, key=lambda c: (per[c].mean(), -c))
-    tied = [c for c in per if as_good(per[best], per[c])]
+    _, tied = _best_and_tied(scores)
     return min(tied, key=lambda c: (abs(math.log2(c) - math.log2(background)), c))
 
 
@@ -435,13 +428,13 @@ def format_detection(cal: Calibration, L: int) -> str:
 
 
 def _why(per: dict, prior: int, prior_name: str) -> str:
-    arrays = {str(c): np.asarray(v, dtype=np.float64) for c, v in per.items()}
-    best = max(arrays, key=lambda c: (arrays[c].mean(), -int(c)))
-    tied = [c for c in arrays if c != best and as_good(arrays[best], arrays[c])]
-    if not tied:
-        return f" best mean {arrays[best].mean():.2f}, clearly"
-    return (f" best mean {arrays[best].mean():.2f} (d={best}); within the prompts' noise: "
-            f"{', '.join('d=' + c for c in tied)}; the one nearest {prior_name} ({prior}) wins")
+    best, tied = _best_and_tied(per)
+    mean = float(np.mean(per[best]))
+    others = [c for c in tied if c != best]
+    if not others:
+        return f" best mean {mean:.2f}, clearly"
+    return (f" best mean {mean:.2f} (d={best}); within the prompts' noise: "
+            f"{', '.join(f'd={c}' for c in others)}; the one nearest {prior_name} ({prior}) wins")
 
 
 def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,

@@ -34,6 +34,7 @@ import ctypes
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,19 @@ def tokenize(llama_cpp, vocab, text: str, add_special: bool = True, limit: int |
     return list(arr[:n if limit is None else min(n, limit)])
 
 
+@contextmanager
+def quiet_llama_log():
+    """llama.cpp's log (routed through llama_cpp's Python logger) silenced, then restored: nests, and
+    threads inside one outer use leave it as it was."""
+    import llama_cpp._logger as llama_logger
+    saved = llama_logger.logger.level
+    llama_logger.set_verbose(False)
+    try:
+        yield
+    finally:
+        llama_logger.logger.setLevel(saved)
+
+
 def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_layers: int = 0,
                progress: bool = True, *, n_threads: int | None = None, n_ubatch: int = 512,
                f32_attention: bool = False) -> np.ndarray:
@@ -239,7 +253,6 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
     See the module docstring for the definition of the scores.
     """
     import llama_cpp
-    import llama_cpp._logger as llama_logger
 
     path = Path(model)
     with open_reader(path) as reader:
@@ -258,8 +271,6 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
     totals = np.zeros((info.n_layer, info.n_head, info.n_freq), dtype=np.float64)
 
     llama_cpp.llama_backend_init()
-    saved_level = llama_logger.logger.level
-    llama_logger.set_verbose(False)
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(n_gpu_layers)
     kvo = None
@@ -270,84 +281,84 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
         kvo[0].value.val_i64 = 0
         kvo[1].key = b"\0"
         mparams.kv_overrides = kvo
-    lmodel = ctx = batch = None
-    bar = None
-    try:
-        lmodel = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-        if not lmodel:
-            raise DPEError(f"{path}: llama.cpp could not load the model")
-        vocab = llama_cpp.llama_model_get_vocab(lmodel)
-        token_lists = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise DPEError(f"text {i} is not a string")
-            ids = tokenize(llama_cpp, vocab, text, limit=n_tokens)
-            if len(ids) < MIN_TOKENS:
-                raise DPEError(f"calibration text {i} has {len(ids)} tokens; each text needs at least "
-                               f"{MIN_TOKENS} (give longer samples)")
-            token_lists.append(ids)
+    with quiet_llama_log():
+        lmodel = ctx = batch = None
+        bar = None
+        try:
+            lmodel = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+            if not lmodel:
+                raise DPEError(f"{path}: llama.cpp could not load the model")
+            vocab = llama_cpp.llama_model_get_vocab(lmodel)
+            token_lists = []
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):
+                    raise DPEError(f"text {i} is not a string")
+                ids = tokenize(llama_cpp, vocab, text, limit=n_tokens)
+                if len(ids) < MIN_TOKENS:
+                    raise DPEError(f"calibration text {i} has {len(ids)} tokens; each text needs at least "
+                                   f"{MIN_TOKENS} (give longer samples)")
+                token_lists.append(ids)
 
-        n_ctx = max(len(ids) for ids in token_lists)
-        n_ub = min(n_ubatch, n_ctx)
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ub          # one ubatch per llama_decode call
-        cparams.n_ubatch = n_ub
-        cparams.n_seq_max = 1
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.no_perf = True
-        if f32_attention:
-            cparams.type_k = cparams.type_v = GGML_TYPE_F32
-            cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cparams.cb_eval = cap.callback
-        cparams.cb_eval_user_data = None
-        ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
-        if not ctx:
-            raise DPEError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
-        memory = llama_cpp.llama_get_memory(ctx)
-        batch = llama_cpp.llama_batch_init(n_ub, 0, 1)
+            n_ctx = max(len(ids) for ids in token_lists)
+            n_ub = min(n_ubatch, n_ctx)
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = n_ub          # one ubatch per llama_decode call
+            cparams.n_ubatch = n_ub
+            cparams.n_seq_max = 1
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+            cparams.no_perf = True
+            if f32_attention:
+                cparams.type_k = cparams.type_v = GGML_TYPE_F32
+                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cparams.cb_eval = cap.callback
+            cparams.cb_eval_user_data = None
+            ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
+            if not ctx:
+                raise DPEError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
+            memory = llama_cpp.llama_get_memory(ctx)
+            batch = llama_cpp.llama_batch_init(n_ub, 0, 1)
 
-        if progress:
-            bar = _progress_bar(sum(len(ids) for ids in token_lists))
-        for ti, ids in enumerate(token_lists):
-            cap.reset()
-            llama_cpp.llama_memory_clear(memory, True)
-            for s in range(0, len(ids), n_ub):
-                chunk = ids[s:s + n_ub]
-                for j, tok in enumerate(chunk):
-                    batch.token[j] = tok
-                    batch.pos[j] = s + j
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = j == len(chunk) - 1
-                batch.n_tokens = len(chunk)
-                rc = llama_cpp.llama_decode(ctx, batch)
-                if cap.error is not None:
-                    raise DPEError(f"reading queries and keys failed: {cap.error}") from cap.error
-                if rc != 0:
-                    raise DPEError(f"llama_decode failed with code {rc} on text {ti}")
-                if cap.pending[0] or cap.pending[1]:
-                    raise DPEError("a pre-RoPE query or key had no partner in its ubatch: unexpected graph")
-                if bar is not None:
-                    bar.update(len(chunk))
-            missing = np.flatnonzero(cap.tokens != len(ids))
-            if missing.size:
-                raise DPEError(
-                    f"{path}: captured pre-RoPE Q/K for {cap.tokens[missing[0]]} of {len(ids)} tokens in "
-                    f"layer {missing[0]} (architecture {info.arch}); key selection knows the graphs that "
-                    "name them Qcur-il / Kcur-il before ggml_rope_ext (llama, qwen2, ...)")
-            totals += cap.sums / len(ids)
-    finally:
-        if bar is not None:
-            bar.close()
-        if batch is not None:
-            llama_cpp.llama_batch_free(batch)
-        if ctx:
-            llama_cpp.llama_free(ctx)
-        if lmodel:
-            llama_cpp.llama_model_free(lmodel)
-        llama_logger.logger.setLevel(saved_level)
+            if progress:
+                bar = _progress_bar(sum(len(ids) for ids in token_lists))
+            for ti, ids in enumerate(token_lists):
+                cap.reset()
+                llama_cpp.llama_memory_clear(memory, True)
+                for s in range(0, len(ids), n_ub):
+                    chunk = ids[s:s + n_ub]
+                    for j, tok in enumerate(chunk):
+                        batch.token[j] = tok
+                        batch.pos[j] = s + j
+                        batch.n_seq_id[j] = 1
+                        batch.seq_id[j][0] = 0
+                        batch.logits[j] = j == len(chunk) - 1
+                    batch.n_tokens = len(chunk)
+                    rc = llama_cpp.llama_decode(ctx, batch)
+                    if cap.error is not None:
+                        raise DPEError(f"reading queries and keys failed: {cap.error}") from cap.error
+                    if rc != 0:
+                        raise DPEError(f"llama_decode failed with code {rc} on text {ti}")
+                    if cap.pending[0] or cap.pending[1]:
+                        raise DPEError("a pre-RoPE query or key had no partner in its ubatch: unexpected graph")
+                    if bar is not None:
+                        bar.update(len(chunk))
+                missing = np.flatnonzero(cap.tokens != len(ids))
+                if missing.size:
+                    raise DPEError(
+                        f"{path}: captured pre-RoPE Q/K for {cap.tokens[missing[0]]} of {len(ids)} tokens in "
+                        f"layer {missing[0]} (architecture {info.arch}); key selection knows the graphs that "
+                        "name them Qcur-il / Kcur-il before ggml_rope_ext (llama, qwen2, ...)")
+                totals += cap.sums / len(ids)
+        finally:
+            if bar is not None:
+                bar.close()
+            if batch is not None:
+                llama_cpp.llama_batch_free(batch)
+            if ctx:
+                llama_cpp.llama_free(ctx)
+            if lmodel:
+                llama_cpp.llama_model_free(lmodel)
     return fold_query_heads(totals / len(token_lists), info.n_head_kv)
 
 
