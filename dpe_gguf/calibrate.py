@@ -7,7 +7,9 @@ lengths, both measured through the patched llama.cpp.
    divisor, 2T/L (the spec) or, with ``background="uniform"``, the best uniform divisor found by a
    first sweep of uniform (Self-Extend) tables; the group under test sweeps divisors 1, 2, 4, ... up
    to T/w (lengths T, T/2, ... down to the window); each candidate table is scored on the same
-   multi-needle prompts at length T (the answer's teacher-forced log-probability, or greedy hits).
+   retrieval prompts at length T (multi-needle by default, or several tasks' prompts together),
+   by the answer's teacher-forced log-probability or greedy hits. The prompts are the tasks of
+   :mod:`dpe_gguf.evaltasks` drawn from their own "calibration" stream: never the evaluation's.
    The best divisor per group wins; candidates within the prompts' noise of the best (paired
    differences under two standard errors) count as tied, and a tie keeps the divisor nearest the
    background: a group is moved off the background only where the measurement says so.
@@ -41,6 +43,7 @@ from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.selection import quiet_llama_log
 
 CALIBRATION_VERSION = 1
+DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-probability score needs
 
 
 @dataclass
@@ -48,8 +51,8 @@ class DetectSettings:
     target: int
     window: int
     n_groups: int = 8
-    task: str = "multi_needle"
-    trials: int = 5
+    task: str = "multi_needle"  # a task of DETECTION_TASKS, or several joined by commas
+    trials: int = 5             # prompts per task
     seed: int = 0
     quick: bool = False
     ngl: int = 0
@@ -58,6 +61,10 @@ class DetectSettings:
     scorer: str = "logprob"     # "logprob": mean log-probability of the answer; "hits": greedy answers found
     parallel: int = 1           # candidate tables measured at once
     background: str = "fixed"   # "fixed": the others hold 2T/L; "uniform": the best uniform divisor, swept first
+
+    @property
+    def tasks(self) -> list[str]:
+        return parse_tasks(self.task)
 
     def candidates(self, L: int, around: int | None = None) -> list[int]:
         """Divisors T/len for len = T, T/2, ... >= w: 1, 2, 4, ..., and in quick mode only the
@@ -68,6 +75,15 @@ class DetectSettings:
             bg = around or background_divisor(self.target, L)
             cands = [c for c in cands if bg / 2 <= c <= bg * 2] or cands[-1:]
         return cands
+
+
+def parse_tasks(task: str) -> list[str]:
+    """The detection tasks of a comma list ("passkey,multi_needle"), in order, each once."""
+    tasks = list(dict.fromkeys(t.strip() for t in str(task).split(",") if t.strip()))
+    bad = [t for t in tasks if t not in DETECTION_TASKS]
+    if not tasks or bad:
+        raise DPEError(f"detection task {task!r}: one or more of {', '.join(DETECTION_TASKS)}, joined by commas")
+    return tasks
 
 
 def background_divisor(target: int, L: int) -> int:
@@ -192,7 +208,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
         raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
     prior = background_divisor(s.target, L)
     settings = RunSettings(ngl=s.ngl, flash_attn=s.flash_attn, threads=s.threads)
-    n_ctx = s.target + evaltasks.MAX_TOKENS[s.task] + 64
+    n_ctx = s.target + max(evaltasks.MAX_TOKENS[t] for t in s.tasks) + 64
     ctx_args = ["--override-kv", f"{info.arch}.context_length=int:{n_ctx}"]
     if s.ngl == 0:
         _say("detection runs on the CPU: prompts of this length take minutes each; a CUDA build "
@@ -227,8 +243,8 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
             if (v := cache.get(_table_key(t))) is not None:
                 measured[t] = v
         todo = [t for t in tables if t not in measured]
-        _say(f"{what}: {len(tables)} candidate tables ({len(tables) - len(todo)} cached), {s.trials} {s.task} "
-             f"trials each at {s.target} tokens", quiet)
+        _say(f"{what}: {len(tables)} candidate tables ({len(tables) - len(todo)} cached), each scored on "
+             f"{' + '.join(f'{s.trials} {t}' for t in s.tasks)} prompts of {s.target} tokens", quiet)
         if not todo:
             return
         if not samples:
@@ -236,7 +252,8 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
             with Server(model, 256, ["--dpe", "off"] if has_dpe(open_reader(model)) else [],
                         RunSettings(ngl=0, flash_attn=False, threads=s.threads)) as tok:
                 count = lambda x: len(tok.tokenize(x))  # noqa: E731
-                samples.extend(evaltasks.make_samples(s.task, s.target, s.trials, s.seed, count))
+                for t in s.tasks:
+                    samples.extend(evaltasks.make_samples(t, s.target, s.trials, s.seed, count, split="calibration"))
         from tqdm import tqdm
         with tqdm(total=len(todo), disable=quiet, unit="table", file=sys.stderr, dynamic_ncols=True) as bar, \
                 quiet_llama_log():
@@ -458,6 +475,7 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         raise DPEError(f"window {window} is not below the trained context {L}")
     if target <= L:
         raise DPEError(f"target context {target} is not above the trained context {L}")
+    task = ",".join(parse_tasks(task))
     if background not in ("fixed", "uniform"):
         raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
     t0 = time.time()
@@ -472,9 +490,9 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
         given = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
         settings["select"] = "given scores"
     # measurements are keyed by candidate table inside the file, so quick and full runs, and either
-    # background, share one cache
+    # background, share one cache ("cache": 3 since the prompts come from the calibration stream)
     shared = {k: v for k, v in settings.items() if k not in ("quick", "background")}
-    tag = hashlib.sha256(json.dumps({**shared, "sha": sha, "scores": given, "cache": 2},
+    tag = hashlib.sha256(json.dumps({**shared, "sha": sha, "scores": given, "cache": 3},
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache = _Cache(cache_root() / f"{sha[:16]}-{tag}.json")
     _say(f"calibration cache: {cache.path}", quiet)

@@ -368,12 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-select", action="store_true", help="no selection: every frequency scaled")
     p.add_argument("--groups", type=int, default=8, metavar="G", help="frequency groups (default 8)")
     p.add_argument("--scales", metavar="S0,...", help="skip detection: use these group divisors")
-    p.add_argument("--task", default="multi_needle", choices=("multi_needle", "passkey"),
-                   help="detection task (default multi_needle, 4 needles)")
+    p.add_argument("--task", default="multi_needle", metavar="TASK[,TASK]",
+                   help="detection task: multi_needle (default, 4 needles), passkey, or both joined by a "
+                        "comma (every candidate scored on the prompts of each)")
     p.add_argument("--scorer", default="logprob", choices=("logprob", "hits"),
                    help="candidate score: mean log-probability of the answers (default, graded) or the "
                         "fraction retrieved by greedy decoding")
-    p.add_argument("--trials", type=int, metavar="N", help="samples per candidate (default 5, quick 2)")
+    p.add_argument("--trials", type=int, metavar="N", help="prompts per task per candidate (default 5, quick 2)")
     p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
     p.add_argument("--background", choices=("fixed", "uniform"), default="fixed",
                    help="what the other groups hold while one is swept: fixed = 2T/L (dpe-spec section 4, "

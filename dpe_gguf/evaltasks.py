@@ -118,12 +118,14 @@ def _shipped_haystack() -> str:
 
 
 def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str], int],
-                 haystack: str | None = None) -> list[Sample]:
+                 haystack: str | None = None, split: str = "eval") -> list[Sample]:
     """n trials of ``task`` at ``length`` tokens, needle depths evenly spaced over [0, 1].
 
     ``count(text)`` is the number of tokens of ``text``; ``haystack`` is the natural text of the
-    needle tasks (default: the shipped one; passkey uses its own filler). Raises ValueError for an
-    unknown task or a length too short to hold the task's fixed parts.
+    needle tasks (default: the shipped one; passkey uses its own filler). ``split`` names an
+    independent stream of prompts: calibration draws its own ("calibration"), so that a table is
+    never tuned on the prompts it is evaluated on. Raises ValueError for an unknown task or a length
+    too short to hold the task's fixed parts.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; the tasks are: {', '.join(TASKS)}")
@@ -139,7 +141,7 @@ def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str
     if task != "passkey":
         text = _clean_haystack(_shipped_haystack() if haystack is None else haystack)
         starts = [0] + [m.end() for m in re.finditer(r"\n\s*\n", text)]
-    return [_sample(task, length, i, 0.5 if n == 1 else i / (n - 1), seed, count, text, starts)
+    return [_sample(task, length, i, 0.5 if n == 1 else i / (n - 1), seed, count, text, starts, split)
             for i in range(n)]
 
 
@@ -157,8 +159,8 @@ def make_sample(task: str, length: int, depth: float, seed: int, count: Callable
     return _sample(task, length, index, depth, seed, count, text, starts)
 
 
-def _sample(task, length, index, depth, seed, count, text, starts) -> Sample:
-    rng = random.Random(_trial_seed(seed, task, length, index))
+def _sample(task, length, index, depth, seed, count, text, starts, split="eval") -> Sample:
+    rng = random.Random(_trial_seed(seed, task, length, index, split))
     if task == "passkey":
         prompt, answers = _passkey(rng, length, depth, count)
     else:
@@ -178,8 +180,11 @@ def score(sample: Sample, output: str) -> float:
 
 # ---------------------------------------------------------------- internals
 
-def _trial_seed(seed: int, task: str, length: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}-{task}-{length}-{index}".encode()).digest()
+def _trial_seed(seed: int, task: str, length: int, index: int, split: str = "eval") -> int:
+    key = f"{seed}-{task}-{length}-{index}"   # the evaluation's prompts, as published in docs/RESULTS.md
+    if split != "eval":
+        key = f"{split}:{key}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big")
 
 

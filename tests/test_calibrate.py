@@ -168,6 +168,34 @@ def test_uniform_background_sweeps_uniform_tables_first(tiny, tmp_path, monkeypa
         run(tiny, tmp_path, monkeypatch, background="median")
 
 
+def test_detection_on_several_tasks_uses_the_calibration_prompts(tiny, tmp_path, monkeypatch):
+    """--task passkey,multi_needle scores every candidate on the prompts of both tasks (paired per
+    prompt), drawn from the calibration stream, never the evaluation's."""
+    from dpe_gguf import evaltasks
+    seen = []
+    real = C.answer_logprobs
+
+    def recording(model, samples, *a, **k):
+        seen.append([(x.task, x.prompt) for x in samples])
+        return real(model, samples, *a, **k)
+    monkeypatch.setattr(C, "answer_logprobs", recording)
+    both = run(tiny, tmp_path, monkeypatch, task="passkey, multi_needle,passkey", trials=2, n_groups=2)
+    assert both.settings["task"] == "passkey,multi_needle"
+    assert all(len(v) == 4 for by in both.per_prompt.values() for v in by.values())
+    assert len({tuple(s) for s in seen}) == 1                 # every candidate: the same prompts
+    assert [t for t, _ in seen[0]] == ["passkey", "passkey", "multi_needle", "multi_needle"]
+    from dpe_gguf.runtime import RunSettings, Server
+    with Server(tiny, 256, [], RunSettings(ngl=0, flash_attn=False, threads=2)) as tok:
+        count = lambda x: len(tok.tokenize(x))  # noqa: E731
+        ev = {x.prompt for t in ("passkey", "multi_needle") for x in evaltasks.make_samples(t, TARGET, 2, 0, count)}
+        cal = {x.prompt for t in ("passkey", "multi_needle")
+               for x in evaltasks.make_samples(t, TARGET, 2, 0, count, split="calibration")}
+    assert {p for _, p in seen[0]} == cal and not cal & ev
+    assert "detection passkey,multi_needle at 2048 tokens, 2 trials" in both.params().calibration
+    with pytest.raises(C.DPEError, match="detection task"):
+        run(tiny, tmp_path, monkeypatch, task="passkey,multi_value")
+
+
 def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
     cal = run(tiny, tmp_path / "cache", monkeypatch)
     cal = C.Calibration(**{**cal.__dict__, "group_scales": (2, 8, 4, 2)})  # a non-trivial table

@@ -112,6 +112,23 @@ def test_other_seed_other_keys(task):
     assert len({s.answers for s in a}) == len(a)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_calibration_prompts_are_not_the_evaluation_prompts(task):
+    """Calibration draws its own stream: a table is never tuned on the prompts it is scored on."""
+    ev = make_samples(task, 2048, 6, seed=0, count=words)
+    cal = make_samples(task, 2048, 6, seed=0, count=words, split="calibration")
+    assert make_samples(task, 2048, 6, seed=0, count=words, split="eval") == ev
+    assert not {a for s in ev for a in s.answers} & {a for s in cal for a in s.answers}
+    assert all(x.prompt != y.prompt for x in ev for y in cal)
+    assert [s.depth for s in cal] == [s.depth for s in ev]
+
+
+def test_evaluation_prompts_are_the_published_ones():
+    """docs/RESULTS.md was measured on these prompts: the evaluation stream must not move."""
+    assert [s.answers for s in make_samples("passkey", 2048, 2, 0, words)] == [("87154",), ("18060",)]
+    assert [s.answers for s in make_samples("multi_needle", 2048, 2, 0, words)] == [("7074061",), ("5128715",)]
+
+
 def test_other_length_other_keys():
     a = make_samples("multi_needle", 1024, 3, seed=5, count=words)
     b = make_samples("multi_needle", 2048, 3, seed=5, count=words)
