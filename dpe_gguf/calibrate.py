@@ -10,9 +10,11 @@ lengths, both measured through the patched llama.cpp.
    retrieval prompts at length T (multi-needle by default, or several tasks' prompts together),
    by the answer's teacher-forced log-probability or greedy hits. The prompts are the tasks of
    :mod:`dpe_gguf.evaltasks` drawn from their own "calibration" stream: never the evaluation's.
-   The best divisor per group wins; candidates within the prompts' noise of the best (paired
-   differences under two standard errors) count as tied, and a tie keeps the divisor nearest the
-   background: a group is moved off the background only where the measurement says so.
+   The best divisor per group wins: one candidate beats another when it is better by more than the
+   prompts' noise (paired per-prompt differences over two standard errors) on some task's prompts
+   and not measurably worse on any; among the candidates no other beats, the one nearest the
+   background wins. A group is moved off the background only where the measurement says so, and a
+   gain on one task bought with a loss on another does not move it.
 
 Every candidate table's per-prompt scores are cached in a JSON file keyed by the model's sha256 and
 the settings, so an interrupted run resumes, a finished one is reused, and a table measured twice
@@ -274,14 +276,14 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
             ucands = s.candidates(L, prior)
             run_tables([(c,) * G for c in ucands], "uniform sweep (Self-Extend divisors)")
             uniform = {c: measured[(c,) * G] for c in ucands}
-            bg = pick(uniform, prior)
+            bg = pick(uniform, prior, len(s.tasks))
         cands = s.candidates(L, bg)
         tables = {(g, c): tuple(c if i == g else bg for i in range(G)) for g in range(G) for c in cands}
         run_tables(list(tables.values()), f"group sweep (others at {bg})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     per_group = {g: {c: measured[tables[(g, c)]] for c in cands} for g in range(G)}
-    scales = tuple(pick(per_group[g], bg) for g in range(G))
+    scales = tuple(pick(per_group[g], bg, len(s.tasks)) for g in range(G))
     _say(f"detection took {time.time() - t_start:.0f} s", quiet)
     return Detection(scales=scales, background=bg, uniform=uniform, groups=per_group)
 
@@ -396,21 +398,44 @@ def as_good(best: list[float], other: list[float], z: float = 2.0) -> bool:
     return m <= z * float(d.std(ddof=1)) / math.sqrt(len(d))
 
 
-def _best_and_tied(scores: dict) -> tuple[Any, list]:
-    """The candidate with the best mean (the smaller on equal means) and every candidate as good as
-    it within the prompts' noise (itself included)."""
+def _task_slices(n: int, parts: int) -> list[slice]:
+    """The prompts of each of `parts` tasks among a candidate's n scores (each task's run in turn)."""
+    if parts < 1 or n % parts:
+        raise ValueError(f"{n} scores do not split into {parts} tasks")
+    k = n // parts
+    return [slice(i * k, (i + 1) * k) for i in range(parts)]
+
+
+def _best_mean(per: dict) -> Any:
+    return max(per, key=lambda c: (per[c].mean(), -int(c)))
+
+
+def undominated(scores: dict, parts: int = 1) -> list:
+    """The candidates no other candidate measurably beats. One beats another when it is better by more
+    than the prompts' noise (paired differences over two standard errors, :func:`as_good`) on the
+    prompts of some task and not measurably worse on those of any. Tasks are tested apart: pooled, the
+    noisier task's spread would hide a clear difference on the other (and a gain on one task could
+    hide a loss on the other). With one task: the candidates not measurably worse than any other."""
     per = {c: np.atleast_1d(np.asarray(v, dtype=np.float64)) for c, v in scores.items()}
-    best = max(per, key=lambda c: (per[c].mean(), -int(c)))
-    return best, [c for c in per if as_good(per[best], per[c])]
+    parts = parts if len(next(iter(per.values()))) > 1 else 1    # one number per candidate: a mean
+    sls = _task_slices(len(next(iter(per.values()))), parts)
+
+    def better(a, b, x: slice) -> bool:           # b measurably worse than a on the prompts x
+        return not as_good(per[a][x], per[b][x])
+
+    def beats(a, b) -> bool:
+        return any(better(a, b, x) for x in sls) and not any(better(b, a, x) for x in sls)
+
+    keep = [c for c in per if not any(beats(o, c) for o in per if o != c)]
+    return keep or [_best_mean(per)]     # noise can make a cycle of "beats": then the best mean
 
 
-def pick(scores: dict[int, Any], background: int) -> int:
-    """The best divisor: among the candidates whose scores (a list per prompt, or one number) are
-    as good as the best mean's within the noise of the prompts (:func:`as_good`), the one nearest
-    the background divisor (in log2), then the smaller. A sweep that cannot tell candidates apart
-    keeps the background."""
-    _, tied = _best_and_tied(scores)
-    return min(tied, key=lambda c: (abs(math.log2(c) - math.log2(background)), c))
+def pick(scores: dict[int, Any], background: int, parts: int = 1) -> int:
+    """The best divisor: among the candidates (scores: a list per prompt, `parts` tasks' prompts in
+    turn, or one number) that no other measurably beats (:func:`undominated`), the one nearest the
+    background divisor (in log2), then the smaller. A sweep that cannot tell candidates apart keeps
+    the background."""
+    return min(undominated(scores, parts), key=lambda c: (abs(math.log2(c) - math.log2(background)), c))
 
 
 def _convert_candidate(src: Path, out: Path, s: DetectSettings, scales, keep: np.ndarray | None) -> None:
@@ -427,31 +452,35 @@ def format_detection(cal: Calibration, L: int) -> str:
     prior = background_divisor(cal.target, L)
     bg = cal.background or prior
     first = next(iter(cal.detection.values()))
+    parts = len(parse_tasks(cal.settings.get("task", "multi_needle")))
     lines = []
     if cal.uniform:
         means = {c: float(np.mean(v)) for c, v in cal.uniform.items()}
         lines.append("uniform sweep (every group the same divisor: Self-Extend): "
                      + "  ".join(f"d={c} {v:.2f}" for c, v in means.items())
-                     + f"  -> background {bg}:" + _why(cal.uniform, prior, "2T/L"))
+                     + f"  -> background {bg}:" + _why(cal.uniform, prior, "2T/L", parts))
     lines.append(f"{'group':>5}  " + "  ".join(f"{'d=' + c:>6}" for c in first) + "   chosen  why")
     for g, by in cal.detection.items():
         chosen = cal.group_scales[int(g)]
         per = cal.per_prompt.get(g) or {c: [v] for c, v in by.items()}
         lines.append(f"{g:>5}  " + "  ".join(f"{v:>6.2f}" for v in by.values()) + f"   {chosen:>6} "
-                     + _why(per, bg, "the background"))
+                     + _why(per, bg, "the background", parts))
     lines.append(f"(other groups held at divisor {bg}" + (" = 2T/L" if bg == prior else " (best uniform)")
                  + " while one group is swept; scores: mean log-probability of the answer, higher is better)")
     return "\n".join(lines)
 
 
-def _why(per: dict, prior: int, prior_name: str) -> str:
-    best, tied = _best_and_tied(per)
-    mean = float(np.mean(per[best]))
-    others = [c for c in tied if c != best]
-    if not others:
-        return f" best mean {mean:.2f}, clearly"
-    return (f" best mean {mean:.2f} (d={best}); within the prompts' noise: "
-            f"{', '.join(f'd={c}' for c in others)}; the one nearest {prior_name} ({prior}) wins")
+def _why(per: dict, prior: int, prior_name: str, parts: int = 1) -> str:
+    arrays = {c: np.atleast_1d(np.asarray(v, dtype=np.float64)) for c, v in per.items()}
+    best = _best_mean(arrays)
+    keep = undominated(arrays, parts)
+    by = " on any task" if parts > 1 and len(arrays[best]) > 1 else ""
+    if keep == [best]:
+        return f" best mean {arrays[best].mean():.2f}, clearly"
+    if len(keep) == 1:
+        return f" the only candidate no other measurably beats{by} (best mean: d={best})"
+    return (f" best mean {arrays[best].mean():.2f} (d={best}); not measurably beaten{by}: "
+            f"{', '.join(f'd={c}' for c in keep)}; the one nearest {prior_name} ({prior}) wins")
 
 
 def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,

@@ -57,6 +57,21 @@ def test_differences_inside_the_prompts_noise_are_ties():
     assert not C.as_good([-0.5, -0.6], [-0.51, -0.61])
 
 
+def test_several_tasks_are_tested_apart():
+    """Two tasks' prompts (4 each, in turn): a clear gain on the quiet task is not hidden by the noisy
+    task's spread, and a gain on one task bought with a loss on the other does not move the group."""
+    quiet8, noisy8 = [-0.40, -0.35, -0.45, -0.38], [-1.0, -0.2, -2.0, -0.6]
+    gain = {8: quiet8 + noisy8,
+            16: [v + 0.05 for v in quiet8] + [-0.9, -0.35, -1.9, -0.7]}   # task 2: +0.1, -0.15, +0.1, -0.1
+    assert C.pick(gain, 8) == 8                       # pooled, the noisy task hides the gain
+    assert C.undominated(gain, 2) == [16] and C.pick(gain, 8, parts=2) == 16
+    trade = {8: quiet8 + noisy8, 16: [v + 0.05 for v in quiet8] + [v - 0.1 for v in noisy8]}
+    assert C.undominated(trade, 2) == [8, 16] and C.pick(trade, 8, parts=2) == 8
+    assert C.pick(trade, 16, parts=2) == 16           # neither beats the other: the background stays
+    with pytest.raises(ValueError, match="do not split"):
+        C.pick({8: [0.1, 0.2, 0.3]}, 8, parts=2)
+
+
 def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, monkeypatch):
     a = run(tiny, tmp_path / "a", monkeypatch)
     b = run(tiny, tmp_path / "b", monkeypatch)   # a separate cache: measured again
@@ -183,6 +198,8 @@ def test_detection_on_several_tasks_uses_the_calibration_prompts(tiny, tmp_path,
     assert both.settings["task"] == "passkey,multi_needle"
     assert all(len(v) == 4 for by in both.per_prompt.values() for v in by.values())
     assert len({tuple(s) for s in seen}) == 1                 # every candidate: the same prompts
+    for g, per in both.per_prompt.items():                     # each task's prompts tested apart
+        assert both.group_scales[int(g)] == C.pick({int(c): v for c, v in per.items()}, both.background, parts=2)
     assert [t for t, _ in seen[0]] == ["passkey", "passkey", "multi_needle", "multi_needle"]
     from dpe_gguf.runtime import RunSettings, Server
     with Server(tiny, 256, [], RunSettings(ngl=0, flash_attn=False, threads=2)) as tok:
