@@ -114,7 +114,8 @@ class Calibration:
         note = (f"dpe-gguf calibrate v{self.version}: selection top-{self.topk} on "
                 f"{self.settings.get('text') or 'the shipped text'} ({self.settings.get('sel_samples')} x "
                 f"{self.settings.get('sel_tokens')} tokens); detection {self.settings.get('task')} at "
-                f"{self.target} tokens, {self.settings.get('trials')} trials, seed {self.settings.get('seed')}"
+                f"{self.target} tokens, {self.settings.get('trials')} trials"
+                f"{' per task' if ',' in str(self.settings.get('task')) else ''}, seed {self.settings.get('seed')}"
                 f"{', quick' if self.settings.get('quick') else ''}"
                 + (f", others held at {self.background}"
                    + (" (best uniform)" if self.settings.get("background") == "uniform" else " (2T/L)")

@@ -208,7 +208,7 @@ def test_detection_on_several_tasks_uses_the_calibration_prompts(tiny, tmp_path,
         cal = {x.prompt for t in ("passkey", "multi_needle")
                for x in evaltasks.make_samples(t, TARGET, 2, 0, count, split="calibration")}
     assert {p for _, p in seen[0]} == cal and not cal & ev
-    assert "detection passkey,multi_needle at 2048 tokens, 2 trials" in both.params().calibration
+    assert "detection passkey,multi_needle at 2048 tokens, 2 trials per task, seed 0" in both.params().calibration
     with pytest.raises(C.DPEError, match="detection task"):
         run(tiny, tmp_path, monkeypatch, task="passkey,multi_value")
 
