@@ -321,7 +321,7 @@ def _answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: boo
                      n_batch: int) -> list[float]:
     import llama_cpp
 
-    from dpe_gguf.selection import tokenize
+    from dpe_gguf.selection import free_llama, tokenize
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = int(ngl)
@@ -378,12 +378,7 @@ def _answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: boo
             per_sample.append(float(np.mean(logp)))
         return per_sample
     finally:
-        if batch is not None:
-            llama_cpp.llama_batch_free(batch)
-        if ctx:
-            llama_cpp.llama_free(ctx)
-        if lmodel:
-            llama_cpp.llama_model_free(lmodel)
+        free_llama(llama_cpp, batch, ctx, lmodel)
 
 
 def as_good(best: list[float], other: list[float], z: float = 2.0) -> bool:

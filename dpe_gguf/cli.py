@@ -227,9 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text=Path(args.text) if args.text else None, se_window=args.se_window,
         settings=RunSettings(ngl=default_ngl() if args.ngl is None else args.ngl, flash_attn=args.fa == "on",
                              threads=args.threads or env_threads()),
-        ppl_chunks=args.ppl_chunks, parallel=args.parallel, dpe_label=args.dpe_label)
-    if cfg.parallel < 1:
-        raise DPEError("--parallel must be at least 1")
+        ppl_chunks=args.ppl_chunks, parallel=_parallel(args), dpe_label=args.dpe_label)
     if cfg.settings.ngl == 0:
         print(f"{PROG}: running on the CPU (no CUDA in this build or -ngl 0): long contexts are slow; "
               "a CUDA build runs the full table in minutes", file=sys.stderr)

@@ -353,13 +353,18 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
         finally:
             if bar is not None:
                 bar.close()
-            if batch is not None:
-                llama_cpp.llama_batch_free(batch)
-            if ctx:
-                llama_cpp.llama_free(ctx)
-            if lmodel:
-                llama_cpp.llama_model_free(lmodel)
+            free_llama(llama_cpp, batch, ctx, lmodel)
     return fold_query_heads(totals / len(token_lists), info.n_head_kv)
+
+
+def free_llama(llama_cpp, batch, ctx, lmodel) -> None:
+    """Free a llama.cpp batch, context and model (each may be missing: a set-up that failed part-way)."""
+    if batch is not None:
+        llama_cpp.llama_batch_free(batch)
+    if ctx:
+        llama_cpp.llama_free(ctx)
+    if lmodel:
+        llama_cpp.llama_model_free(lmodel)
 
 
 def _progress_bar(total: int):

@@ -241,6 +241,8 @@ def test_calibrate_cli_and_errors(tiny, tmp_path, monkeypatch, capsys):
     assert main(["calibrate", str(tiny), "--target-context", "4096", "--window", "1024",
                  "-o", str(tmp_path / "y.json"), "-q"]) == 2
     assert "not below the trained context" in capsys.readouterr().err
+    for cmd in (["calibrate", str(tiny), "--target-context", str(TARGET)], ["eval", str(tiny)]):
+        assert main(cmd + ["-j", "0", "-q"]) == 2 and "--parallel must be at least 1" in capsys.readouterr().err
     # convert without --scales needs a way to get them
     assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "-q"]) == 2
     assert "--target-context" in capsys.readouterr().err
