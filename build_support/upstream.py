@@ -146,12 +146,42 @@ def prepare_source(dest: Path) -> Path:
     if stamp.exists() and stamp.read_text().strip() == series:
         return dest
     src = pristine_tree()
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git", ".complete"), symlinks=True)
-    apply_patches(dest)
+    if not dest.exists():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git", ".complete"), symlinks=True)
+        apply_patches(dest)
+    else:
+        # A new patch series over an existing build: patch a fresh copy, then replace only the files whose
+        # bytes changed, so the build system recompiles what the series touched instead of everything.
+        fresh = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".new-"))
+        try:
+            shutil.rmtree(fresh)
+            shutil.copytree(src, fresh, ignore=shutil.ignore_patterns(".git", ".complete"), symlinks=True)
+            apply_patches(fresh)
+            stamp.unlink(missing_ok=True)
+            _sync_tree(fresh, dest)
+        finally:
+            shutil.rmtree(fresh, ignore_errors=True)
     stamp.write_text(series + "\n")
     return dest
+
+
+def _sync_tree(src: Path, dest: Path) -> None:
+    """Make ``dest`` a copy of ``src``, leaving files with identical contents (and their mtimes) untouched."""
+    for root, dirs, files in os.walk(dest, topdown=False):
+        for name in files + dirs:
+            path = Path(root) / name
+            if not os.path.lexists(src / path.relative_to(dest)):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for root, dirs, files in os.walk(src):
+        rel = Path(root).relative_to(src)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            new, old = Path(root) / name, dest / rel / name
+            if old.is_symlink() or new.is_symlink() or not old.is_file() or \
+                    old.stat().st_size != new.stat().st_size or old.read_bytes() != new.read_bytes():
+                if os.path.lexists(old):
+                    old.unlink()
+                shutil.copy2(new, old, follow_symlinks=False)
 
 
 def bindings_wheel() -> Path:

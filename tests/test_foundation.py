@@ -159,3 +159,42 @@ def test_llama_cpp_dir_that_is_not_a_tree_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DPE_LLAMA_CPP_DIR", str(tmp_path))
     with pytest.raises(upstream.BuildError, match="not a llama.cpp source tree"):
         upstream.pristine_tree()
+
+
+def test_new_patch_series_rewrites_only_the_files_it_changes(tmp_path, monkeypatch):
+    """A rebuild after a patch change recompiles what the series touched, not the whole tree: files
+    whose bytes are unchanged keep their mtime; changed, new and removed files are synced."""
+    import os
+    import time
+    pristine = tmp_path / "pristine"
+    (pristine / "src").mkdir(parents=True)
+    (pristine / "include").mkdir()
+    (pristine / "ggml").mkdir()
+    (pristine / "include" / "llama.h").write_text("// llama\n")
+    (pristine / "src" / "a.c").write_text("int a;\n")
+    (pristine / "src" / "b.c").write_text("int b;\n")
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    patch = patches / "0001-a.patch"
+    patch.write_text("--- a/src/a.c\n+++ b/src/a.c\n@@ -1 +1 @@\n-int a;\n+int a1;\n")
+    monkeypatch.setenv("DPE_LLAMA_CPP_DIR", str(pristine))
+    monkeypatch.setattr(upstream, "PATCH_DIR", patches)
+    dest = tmp_path / "build" / "llama.cpp"
+    upstream.prepare_source(dest)
+    assert (dest / "src" / "a.c").read_text() == "int a1;\n"
+    (dest / "stale.o").write_text("x")
+    old = time.time() - 1000
+    for f in ("a.c", "b.c"):
+        os.utime(dest / "src" / f, (old, old))
+    patch.write_text("--- a/src/b.c\n+++ b/src/b.c\n@@ -1 +1 @@\n-int b;\n+int b2;\n")
+    upstream.prepare_source(dest)
+    assert (dest / "src" / "a.c").read_text() == "int a;\n" and (dest / "src" / "b.c").read_text() == "int b2;\n"
+    assert (dest / "src" / "a.c").stat().st_mtime > old + 10 and (dest / "src" / "b.c").stat().st_mtime > old + 10
+    assert not (dest / "stale.o").exists()
+    patch.write_text(patch.read_text() + "\n")   # a new series id, the same tree
+    upstream.prepare_source(dest)
+    os.utime(dest / "src" / "a.c", (old, old))
+    patch.write_text(patch.read_text().rstrip("\n") + "\n")
+    upstream.prepare_source(dest)
+    assert abs((dest / "src" / "a.c").stat().st_mtime - old) < 1   # unchanged bytes: untouched
+    assert (dest / ".dpe-patched").read_text().strip() == upstream.patch_series_id()
