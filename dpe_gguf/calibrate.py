@@ -45,6 +45,7 @@ from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.selection import quiet_llama_log
 
 CALIBRATION_VERSION = 1
+DEFAULT_GROUPS = 8        # G, dpe-spec.md section 2
 DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-probability score needs
 
 
@@ -52,7 +53,7 @@ DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-
 class DetectSettings:
     target: int
     window: int
-    n_groups: int = 8
+    n_groups: int = DEFAULT_GROUPS
     task: str = "multi_needle"  # a task of DETECTION_TASKS, or several joined by commas
     trials: int = 5             # prompts per task
     seed: int = 0
@@ -91,6 +92,20 @@ def parse_tasks(task: str) -> list[str]:
 def background_divisor(target: int, L: int) -> int:
     """2T/L rounded up to a power of two: the divisor the other groups hold during detection."""
     return 1 << max(0, math.ceil(math.log2(2 * target / L)))
+
+
+def default_window(L: int) -> int:
+    """The local window when none is given: the spec's 1024, or L/8 for models trained on fewer
+    than 8192 tokens (dpe-spec.md section 2: always below L)."""
+    return min(1024, L // 8)
+
+
+def check_extension(target: int, window: int, L: int) -> None:
+    """Refuse a window that is not below the trained context L, or a target that is not above it."""
+    if window >= L:
+        raise DPEError(f"window {window} is not below the trained context {L}")
+    if target <= L:
+        raise DPEError(f"target context {target} is not above the trained context {L}: nothing to extend")
 
 
 @dataclass
@@ -202,10 +217,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     from dpe_gguf.runtime import RunSettings, Server
     info = read_model_info(model)
     L = info.context_length
-    if s.window >= L:
-        raise DPEError(f"window {s.window} is not below the trained context {L}")
-    if s.target <= L:
-        raise DPEError(f"target context {s.target} is not above the trained context {L}: nothing to extend")
+    check_extension(s.target, s.window, L)
     G = s.n_groups
     if not 1 <= G <= info.n_freq:
         raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
@@ -480,11 +492,11 @@ def _why(per: dict, prior: int, prior_name: str, parts: int = 1) -> str:
 
 
 def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,
-              n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
-              task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
-              ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              scorer: str = "logprob", scores: Any = None, parallel: int = 1, background: str = "fixed",
-              quiet: bool = False) -> Calibration:
+              n_groups: int = DEFAULT_GROUPS, text: Path | None = None, sel_samples: int = 4,
+              sel_tokens: int = 2048, task: str = "multi_needle", trials: int | None = None, seed: int = 0,
+              quick: bool = False, ngl: int | None = None, scales: tuple[int, ...] | None = None,
+              select_frequencies: bool = True, scorer: str = "logprob", scores: Any = None, parallel: int = 1,
+              background: str = "fixed", quiet: bool = False) -> Calibration:
     """Run selection and detection for `model`: detection is skipped when `scales` are given,
     selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
     from dpe_gguf.runtime import default_ngl
@@ -492,14 +504,11 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     model = Path(model)
     info = read_model_info(model)
     L = info.context_length
-    window = window if window is not None else min(1024, L // 8)
+    window = window if window is not None else default_window(L)
     topk = topk if topk is not None else default_topk(info.n_freq)
     ngl = default_ngl() if ngl is None else ngl
     trials = trials if trials is not None else (2 if quick else 5)
-    if window >= L:
-        raise DPEError(f"window {window} is not below the trained context {L}")
-    if target <= L:
-        raise DPEError(f"target context {target} is not above the trained context {L}")
+    check_extension(target, window, L)
     task = ",".join(parse_tasks(task))
     if background not in ("fixed", "uniform"):
         raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
@@ -546,3 +555,12 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     return Calibration(model_sha256=sha, target=target, window=window, topk=topk, group_scales=tuple(scales),
                        scores=None if scores is None else scores.tolist(), settings=settings,
                        seconds=round(time.time() - t0, 1), **found)
+
+
+def measure_selection(model: str | Path, topk: int, quiet: bool = False) -> tuple[np.ndarray, str]:
+    """Selection scores for `convert --topk K` without --scores (4 texts x min(2048, L) tokens of the
+    shipped text, seed 0), and those words for the dpe.calibration note."""
+    from dpe_gguf.runtime import default_ngl
+    n_tokens = min(2048, read_model_info(model).context_length)
+    scores = select(Path(model), None, 4, n_tokens, 0, default_ngl(), quiet)
+    return scores, f"selection top-{topk} measured on the shipped text (4 x {n_tokens} tokens, seed 0)"

@@ -75,7 +75,7 @@ def _parse_scales(text: str) -> tuple[int, ...]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``dpe-gguf convert``."""
-    from .convert import convert
+    from .convert import check_output, convert
     from .params import DPEParams
 
     scores = args.scores
@@ -87,11 +87,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if args.target_context is None:
                 raise DPEError("give --scales (and --window), --from-calibration FILE, or --target-context T "
                                "to calibrate automatically")
-            if args.output is None or not args.force:
-                from .convert import _check_output, default_output
-                from pathlib import Path
-                _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
-                              args.force)   # refuse before spending the calibration time
+            check_output(args.input, args.output, args.force)   # refuse before spending the calibration time
             # --scores given: detection only (their top-k is the selection)
             cal = calibrate(args.input, args.target_context, window=args.window, topk=args.topk,
                             quick=args.quick, scores=args.scores, parallel=_parallel(args), quiet=args.quiet)
@@ -106,21 +102,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
                            target_context=args.target_context, calibration=args.calibration)
         if args.topk is not None and scores is None:
             # --scales with --topk but no --scores: measure the scores (selection only, no detection)
-            from pathlib import Path
-
-            from .calibrate import select
-            from .convert import _check_output, default_output
+            from .calibrate import measure_selection
             from .model_info import read_model_info
-            from .runtime import default_ngl
             info = read_model_info(args.input)
             params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
-            _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
-                          args.force)
-            scores = select(args.input, None, 4, min(2048, info.context_length), 0, default_ngl(), args.quiet)
+            check_output(args.input, args.output, args.force)
+            scores, measured = measure_selection(args.input, args.topk, args.quiet)
             if args.calibration is None:
-                params = DPEParams(**{**params.__dict__, "calibration": (
-                    f"dpe-gguf convert: given group scales; selection top-{args.topk} measured on the shipped "
-                    "text (4 x 2048 tokens, seed 0)")})
+                params = DPEParams(**{**params.__dict__,
+                                      "calibration": f"dpe-gguf convert: given group scales; {measured}"})
     out = convert(args.input, args.output, params=params, scores=scores, force=args.force,
                   progress=not args.quiet)
     if not args.quiet:
