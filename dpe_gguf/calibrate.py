@@ -27,12 +27,13 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.selection import quiet_llama_log
 
 CALIBRATION_VERSION = 1
+DEFAULT_GROUPS = 8        # G, dpe-spec.md section 2
 DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-probability score needs
 
 
@@ -52,7 +54,7 @@ DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-
 class DetectSettings:
     target: int
     window: int
-    n_groups: int = 8
+    n_groups: int = DEFAULT_GROUPS
     task: str = "multi_needle"  # a task of DETECTION_TASKS, or several joined by commas
     trials: int = 5             # prompts per task
     seed: int = 0
@@ -91,6 +93,20 @@ def parse_tasks(task: str) -> list[str]:
 def background_divisor(target: int, L: int) -> int:
     """2T/L rounded up to a power of two: the divisor the other groups hold during detection."""
     return 1 << max(0, math.ceil(math.log2(2 * target / L)))
+
+
+def default_window(L: int) -> int:
+    """The local window when none is given: the spec's 1024, or L/8 for models trained on fewer
+    than 8192 tokens (dpe-spec.md section 2: always below L)."""
+    return min(1024, L // 8)
+
+
+def check_extension(target: int, window: int, L: int) -> None:
+    """Refuse a window that is not below the trained context L, or a target that is not above it."""
+    if window >= L:
+        raise DPEError(f"window {window} is not below the trained context {L}")
+    if target <= L:
+        raise DPEError(f"target context {target} is not above the trained context {L}: nothing to extend")
 
 
 @dataclass
@@ -202,10 +218,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     from dpe_gguf.runtime import RunSettings, Server
     info = read_model_info(model)
     L = info.context_length
-    if s.window >= L:
-        raise DPEError(f"window {s.window} is not below the trained context {L}")
-    if s.target <= L:
-        raise DPEError(f"target context {s.target} is not above the trained context {L}: nothing to extend")
+    check_extension(s.target, s.window, L)
     G = s.n_groups
     if not 1 <= G <= info.n_freq:
         raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
@@ -480,11 +493,11 @@ def _why(per: dict, prior: int, prior_name: str, parts: int = 1) -> str:
 
 
 def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,
-              n_groups: int = 8, text: Path | None = None, sel_samples: int = 4, sel_tokens: int = 2048,
-              task: str = "multi_needle", trials: int | None = None, seed: int = 0, quick: bool = False,
-              ngl: int | None = None, scales: tuple[int, ...] | None = None, select_frequencies: bool = True,
-              scorer: str = "logprob", scores: Any = None, parallel: int = 1, background: str = "fixed",
-              quiet: bool = False) -> Calibration:
+              n_groups: int = DEFAULT_GROUPS, text: Path | None = None, sel_samples: int = 4,
+              sel_tokens: int = 2048, task: str = "multi_needle", trials: int | None = None, seed: int = 0,
+              quick: bool = False, ngl: int | None = None, scales: tuple[int, ...] | None = None,
+              select_frequencies: bool = True, scorer: str = "logprob", scores: Any = None, parallel: int = 1,
+              background: str = "fixed", quiet: bool = False) -> Calibration:
     """Run selection and detection for `model`: detection is skipped when `scales` are given,
     selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
     from dpe_gguf.runtime import default_ngl
@@ -492,14 +505,11 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     model = Path(model)
     info = read_model_info(model)
     L = info.context_length
-    window = window if window is not None else min(1024, L // 8)
+    window = window if window is not None else default_window(L)
     topk = topk if topk is not None else default_topk(info.n_freq)
     ngl = default_ngl() if ngl is None else ngl
     trials = trials if trials is not None else (2 if quick else 5)
-    if window >= L:
-        raise DPEError(f"window {window} is not below the trained context {L}")
-    if target <= L:
-        raise DPEError(f"target context {target} is not above the trained context {L}")
+    check_extension(target, window, L)
     task = ",".join(parse_tasks(task))
     if background not in ("fixed", "uniform"):
         raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
@@ -546,3 +556,127 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
     return Calibration(model_sha256=sha, target=target, window=window, topk=topk, group_scales=tuple(scales),
                        scores=None if scores is None else scores.tolist(), settings=settings,
                        seconds=round(time.time() - t0, 1), **found)
+
+
+# ---------------------------------------------------------------------------------------------
+# `dpe-gguf convert` without divisors: calibrate where a GPU is, else the table calibration starts from
+
+DEFAULT_TARGET_FACTOR = 4   # no --target-context: 4 x the trained context
+
+# What the uncalibrated table measured where it has been measured: on SmolLM2-135M-Instruct (L = 8192)
+# at T = 32768 the rule gives divisor 8 = 2T/L on every frequency, window 1024 = default_window(8192):
+# docs/RESULTS.md, evaluation suite, rows "Self-Extend divisor 8" (passkey and multi-needle, 20 trials,
+# H100) and "vanilla" (stock llama.cpp); calibration: row "DPE calibrated for 32k (third session)".
+UNIFORM_MEASURED = (
+    "on SmolLM2-135M, H100, 20 trials, this rule (divisor 8 = 2*32768/8192 on every frequency, window 1024) "
+    "retrieved the passkey 17/20 at 16k and 8/20 at 32k tokens and multi-needle 0.50 at 16k and 0.25 at 32k "
+    "(stock llama.cpp: 0/20 and 0.00 at both; docs/RESULTS.md)")
+CALIBRATED_MEASURED = (
+    "on SmolLM2 a calibration for 32k (--task passkey,multi_needle --trials 10) raised multi-needle at 32k "
+    "to 0.55 and lowered passkey at 32k to 4/20")
+
+
+@dataclass
+class ConvertChoice:
+    """The parameters `dpe-gguf convert` writes when it is given no divisors (no --scales, no
+    --from-calibration), and what to tell the user about them."""
+    params: DPEParams
+    scores: np.ndarray | None   # selection scores for params.topk; None: every frequency scaled
+    calibrated: bool
+    message: str                # what was chosen, how good it measured, how to improve it
+
+
+def choose_params(model: str | Path, output: str | Path | None = None, force: bool = False,
+                  target: int | None = None, window: int | None = None, calibrate_now: bool | None = None,
+                  topk: int | None = None, scores: Any = None, quick: bool = False, parallel: int = 1,
+                  quiet: bool = False) -> ConvertChoice:
+    """Divisors for `model` when the user gave none.
+
+    ``target`` defaults to ``DEFAULT_TARGET_FACTOR`` x the trained context L, ``window`` to
+    :func:`default_window`. ``calibrate_now``: True calibrates (:func:`calibrate`, default settings,
+    on the CPU too: slow but allowed), False writes at once the table detection starts from (every
+    group at :func:`background_divisor` 2T/L, every frequency scaled: Self-Extend), None chooses: a
+    given ``target`` calibrates (what ``--target-context T`` always did); with no target it
+    calibrates where :func:`dpe_gguf.runtime.gpu_present` finds a GPU, else writes the uniform table.
+
+    The limit: a calibration expected to take over 30 minutes is not started unasked. The estimate is
+    "no GPU means too long": the default calibration scores about 200 prompts of T tokens (41
+    candidate tables x 5 prompts at T = 4L = 32k), and SmolLM2-135M, the embedded model, prefills
+    about 430 tokens/s on 2 CPU cores at 2k (slower at longer prompts): over 4 hours at 32k. On an
+    H100 it takes minutes (a --quick run 224 s; 1.3 s per 32k prompt with -j 8; docs/RESULTS.md).
+
+    The output is checked (:func:`dpe_gguf.convert.check_output`) before any time is spent.
+    ``topk``/``scores`` select frequencies as `convert --topk/--scores` do (calibration measures them
+    when not given; the uniform table scales every frequency unless ``topk`` is given).
+    """
+    from dpe_gguf import runtime
+    from dpe_gguf.convert import check_output
+    from dpe_gguf.selection import default_topk
+    model = Path(model)
+    info = read_model_info(model)
+    L = info.context_length
+    given = [f"--target-context {target}"] if target is not None else []
+    given += [f"--window {window}"] if window is not None else []
+    given += [] if calibrate_now is None else ["--calibrate" if calibrate_now else "--no-calibrate"]
+    how = f"dpe-gguf convert {' '.join(given)}" if given else "dpe-gguf convert: no options"
+    if calibrate_now is not None:
+        why = "--calibrate" if calibrate_now else "--no-calibrate"
+    elif target is not None:
+        calibrate_now, why = True, "--target-context given"
+    else:
+        calibrate_now, why = runtime.gpu_present()
+    if target is None:
+        target = DEFAULT_TARGET_FACTOR * L
+        _say(f"target context {target} tokens = {DEFAULT_TARGET_FACTOR} x the trained {L} "
+             "(--target-context T chooses another)", quiet)
+    window = default_window(L) if window is None else window
+    check_extension(target, window, L)
+    check_output(model, output, force)          # refuse before spending any time
+    if calibrate_now:
+        _say(f"calibrating for {target} tokens ({why}); --no-calibrate writes the uniform table at once", quiet)
+        cal = calibrate(model, target, window=window, topk=topk, quick=quick, scores=scores, parallel=parallel,
+                        quiet=quiet)
+        p = cal.params()
+        msg = (f"calibrated for {target} tokens in {cal.seconds:.0f} s ({why}): group scales "
+               f"{','.join(map(str, cal.group_scales))}, window {cal.window}, top-k "
+               f"{cal.topk if cal.scores is not None else 'all'}")
+        return ConvertChoice(replace(p, calibration=f"{how}; calibrated ({why}): {p.calibration}"),
+                             cal.score_array(), True, msg)
+
+    bg = background_divisor(target, L)
+    if scores is not None and topk is None:
+        topk = default_topk(info.n_freq)     # as calibrate() does with given scores
+    scaled = "every frequency"
+    if topk is not None:
+        scaled = f"the top {topk} frequencies per KV head"
+        if scores is None:
+            scores, measured = measure_selection(model, topk, quiet)
+            scaled += f" ({measured})"
+    params = DPEParams(window=window, group_scales=(bg,) * min(DEFAULT_GROUPS, info.n_freq), topk=topk,
+                       target_context=target,
+                       calibration=f"{how}; uniform background divisor {bg} = 2T/L on {scaled} (Self-Extend), "
+                                   f"window {window}, target {target}; not calibrated: {why}")
+    q = shlex.quote
+    o = f" -o {q(str(output))}" if output is not None else ""
+    w = f" --window {window}" if window != default_window(L) else ""
+    msg = "\n".join([
+        f"not calibrated, {why}: divisor {bg} = 2T/L on {scaled} beyond a window of {window} tokens "
+        f"(Self-Extend), for a target of {target} tokens ({target / L:g} x the trained {L}).",
+        f"Measured: {UNIFORM_MEASURED}.",
+        "To calibrate the groups for this model on a GPU (a CUDA build of dpe-gguf; on a CPU, --calibrate "
+        f"does it too, slowly: its prompts are {target} tokens long):",
+        f"  dpe-gguf convert {q(str(model))}{o} --target-context {target}{w} --force",
+        f"  or: dpe-gguf calibrate {q(str(model))} --target-context {target}{w} -o calibration.json, then "
+        f"dpe-gguf convert {q(str(model))}{o} --from-calibration calibration.json --force",
+        f"Calibration is not better on every task: {CALIBRATED_MEASURED} (docs/RESULTS.md).",
+    ])
+    return ConvertChoice(params, scores, False, msg)
+
+
+def measure_selection(model: str | Path, topk: int, quiet: bool = False) -> tuple[np.ndarray, str]:
+    """Selection scores for `convert --topk K` without --scores (4 texts x min(2048, L) tokens of the
+    shipped text, seed 0), and those words for the dpe.calibration note."""
+    from dpe_gguf.runtime import default_ngl
+    n_tokens = min(2048, read_model_info(model).context_length)
+    scores = select(Path(model), None, 4, n_tokens, 0, default_ngl(), quiet)
+    return scores, f"selection top-{topk} measured on the shipped text (4 x {n_tokens} tokens, seed 0)"

@@ -37,8 +37,16 @@ example:
 """
 
 _CONVERT_EPILOG = f"""\
-example:
+examples:
+  {PROG} convert model.gguf                 # target 4 x the trained context L, window min(1024, L/8)
   {PROG} convert model.gguf --window 1024 --scales 2,2,4,4,8,8,16,16
+
+Without --scales or --from-calibration, convert calibrates the divisors for the target (default
+4 x L) where a GPU is (CUDA build and a device), as `{PROG} calibrate` with its default settings does;
+without a GPU (the calibration would take hours) it writes at once the table calibration starts
+from: divisor 2T/L on every frequency (Self-Extend), and prints how to calibrate it on a GPU.
+--calibrate / --no-calibrate force either; --target-context T alone calibrates. dpe.calibration
+(shown by `{PROG} inspect`) records which happened.
 
 The divisor of frequency f (f = 0..F-1, F = n_rot/2) is scales[floor(f*G/F)] with G the number of
 scales. --scales 4 alone is uniform divisor 4 (Self-Extend with group size 4).
@@ -75,56 +83,47 @@ def _parse_scales(text: str) -> tuple[int, ...]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``dpe-gguf convert``."""
-    from .convert import convert
+    from .convert import check_output, convert
     from .params import DPEParams
 
-    scores = args.scores
-    if args.from_calibration or args.scales is None:
-        from .calibrate import Calibration, calibrate
-        if args.from_calibration:
-            cal = Calibration.load(args.from_calibration)
-        else:
-            if args.target_context is None:
-                raise DPEError("give --scales (and --window), --from-calibration FILE, or --target-context T "
-                               "to calibrate automatically")
-            if args.output is None or not args.force:
-                from .convert import _check_output, default_output
-                from pathlib import Path
-                _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
-                              args.force)   # refuse before spending the calibration time
-            # --scores given: detection only (their top-k is the selection)
-            cal = calibrate(args.input, args.target_context, window=args.window, topk=args.topk,
-                            quick=args.quick, scores=args.scores, parallel=_parallel(args), quiet=args.quiet)
-        params = cal.params()
-        if args.calibration:
-            params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
-        scores = cal.score_array()
+    scores, message = args.scores, None
+    if args.calibrate is not None and (args.scales is not None or args.from_calibration):
+        raise DPEError(f"--{'' if args.calibrate else 'no-'}calibrate chooses how divisors are found when none "
+                       "are given; drop it, or drop --scales / --from-calibration")
+    if args.from_calibration:
+        from .calibrate import Calibration
+        cal = Calibration.load(args.from_calibration)
+        params, scores = cal.params(), cal.score_array()
+    elif args.scales is None:
+        # no divisors given: calibrate (GPU, --calibrate or --target-context) or the uniform 2T/L table
+        from .calibrate import choose_params
+        choice = choose_params(args.input, args.output, args.force, target=args.target_context, window=args.window,
+                               calibrate_now=args.calibrate, topk=args.topk, scores=args.scores, quick=args.quick,
+                               parallel=_parallel(args), quiet=args.quiet)
+        params, scores, message = choice.params, choice.scores, choice.message
     else:
         if args.window is None:
             raise DPEError("--scales needs --window W (the local window)")
         params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
-                           target_context=args.target_context, calibration=args.calibration)
+                           target_context=args.target_context)
         if args.topk is not None and scores is None:
             # --scales with --topk but no --scores: measure the scores (selection only, no detection)
-            from pathlib import Path
-
-            from .calibrate import select
-            from .convert import _check_output, default_output
+            from .calibrate import measure_selection
             from .model_info import read_model_info
-            from .runtime import default_ngl
             info = read_model_info(args.input)
             params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
-            _check_output(Path(args.input), Path(args.output) if args.output else default_output(args.input),
-                          args.force)
-            scores = select(args.input, None, 4, min(2048, info.context_length), 0, default_ngl(), args.quiet)
-            if args.calibration is None:
-                params = DPEParams(**{**params.__dict__, "calibration": (
-                    f"dpe-gguf convert: given group scales; selection top-{args.topk} measured on the shipped "
-                    "text (4 x 2048 tokens, seed 0)")})
+            check_output(args.input, args.output, args.force)
+            scores, measured = measure_selection(args.input, args.topk, args.quiet)
+            params = DPEParams(**{**params.__dict__,
+                                  "calibration": f"dpe-gguf convert: given group scales; {measured}"})
+    if args.calibration:
+        params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
     out = convert(args.input, args.output, params=params, scores=scores, force=args.force,
                   progress=not args.quiet)
     if not args.quiet:
         print(f"wrote {out}")
+        if message:
+            print(message)
     return 0
 
 
@@ -332,11 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.gguf", help="output file (default: IN.dpe.gguf)")
     p.add_argument("--window", type=int, metavar="W",
                    help="local window: keys closer than W use ordinary RoPE (1 <= W < trained context; "
-                        "calibration default: min(1024, L/8))")
+                        "default without --scales: min(1024, L/8))")
     p.add_argument("--scales", metavar="S0,...,S{G-1}",
                    help="integer position divisor (>= 1) of each of the G frequency groups; without it, "
-                        "--target-context T calibrates them (see `dpe-gguf calibrate`)")
+                        "convert calibrates them or writes the uniform 2T/L table (see below)")
     p.add_argument("--from-calibration", metavar="FILE", help="parameters measured by `dpe-gguf calibrate`")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--calibrate", dest="calibrate", action="store_const", const=True, default=None,
+                     help="without --scales: calibrate, also on a CPU (slow; the default only where a GPU is)")
+    how.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
+                     help="without --scales: write at once the uniform table calibration starts from "
+                          "(divisor 2T/L on every frequency: Self-Extend)")
     p.add_argument("--quick", action="store_true", help="calibration: 3 divisors per group, 2 trials")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
                    help="calibration: measure N candidate tables at once (GPU; see `dpe-gguf calibrate`)")
@@ -345,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured when --scores is not given)")
     p.add_argument("--scores", metavar="FILE", help="per-(layer, KV head, frequency) scores, .npy (see below)")
     p.add_argument("--target-context", type=int, metavar="T",
-                   help="context the parameters were calibrated for (default: (L - W + W//S) * S, "
-                        "S = largest scale)")
+                   help="context the parameters are for; without --scales the target to calibrate for "
+                        "(default 4 x L), with --scales default (L - W + W//S) * S, S = largest scale")
     p.add_argument("--calibration", metavar="TEXT", help="free-text note stored as dpe.calibration")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT if it exists; replace DPE parameters already in IN")

@@ -37,7 +37,7 @@ from .model_info import ModelInfo, has_dpe, open_reader, read_dpe
 
 GGML_TYPE_F32 = 0
 
-__all__ = ["convert", "default_output", "default_strip_output", "inspect", "load_scores", "strip"]
+__all__ = ["check_output", "convert", "default_output", "default_strip_output", "inspect", "load_scores", "strip"]
 
 
 def default_output(input: str | os.PathLike[str]) -> Path:
@@ -86,6 +86,27 @@ def load_scores(scores: Any, info: ModelInfo) -> np.ndarray:
     if not np.all(np.isfinite(out)):
         raise DPEError(f"{where}: scores contain NaN or infinite values")
     return out
+
+
+def check_output(input: str | os.PathLike[str], output: str | os.PathLike[str] | None = None,
+                 force: bool = False) -> Path:
+    """What :func:`convert` would refuse about its input and output, checked before any slow work
+    (calibration, selection): an input that is not a usable RoPE model or already has DPE parameters,
+    an output that exists (without ``force``), is the input, or cannot be written. Returns the output
+    path (default ``<name>.dpe.gguf``)."""
+    inp = Path(input)
+    out = Path(output) if output is not None else default_output(inp)
+    reader = open_reader(inp)
+    ModelInfo.from_reader(reader, inp, strict=True)
+    _refuse_dpe_input(reader, inp, force)
+    _check_output(inp, out, force)
+    return out
+
+
+def _refuse_dpe_input(reader: Any, inp: Path, force: bool) -> None:
+    if has_dpe(reader) and not force:
+        raise DPEError(f"{inp}: already has DPE parameters (dpe.* keys / {P.TENSOR_NAME}); pass --force to "
+                       "replace them, or run `dpe-gguf strip` first")
 
 
 def _check_output(inp: Path, out: Path, force: bool) -> None:
@@ -147,9 +168,7 @@ def convert(input: str | os.PathLike[str], output: str | os.PathLike[str] | None
     out = Path(output) if output is not None else default_output(inp)
     reader = open_reader(inp)
     info = ModelInfo.from_reader(reader, inp, strict=True)
-    if has_dpe(reader) and not force:
-        raise DPEError(f"{inp}: already has DPE parameters (dpe.* keys / {P.TENSOR_NAME}); pass --force to "
-                       "replace them, or run `dpe-gguf strip` first")
+    _refuse_dpe_input(reader, inp, force)
     params.check_for_model(info.n_freq, info.context_length, str(inp))
     keep = None
     if params.topk is not None and scores is None:

@@ -28,6 +28,21 @@ def default_ngl() -> int:
     return 99 if build_info().get("cuda") else 0
 
 
+def gpu_present() -> tuple[bool, str]:
+    """Whether llama.cpp can run on a GPU here (a CUDA build, and a GPU device that llama.cpp finds),
+    and why, in words."""
+    if not build_info().get("cuda"):
+        return False, "no GPU (this build has no CUDA)"
+    import llama_cpp
+
+    from dpe_gguf.selection import quiet_llama_log
+    with quiet_llama_log():
+        llama_cpp.llama_backend_init()
+        if not llama_cpp.llama_supports_gpu_offload():
+            return False, "no GPU (this CUDA build finds no GPU device)"
+    return True, "GPU present"
+
+
 @dataclass
 class RunSettings:
     """How llama.cpp runs: the flags shared by every method (threads, offload, flash attention)."""

@@ -243,9 +243,6 @@ def test_calibrate_cli_and_errors(tiny, tmp_path, monkeypatch, capsys):
     assert "not below the trained context" in capsys.readouterr().err
     for cmd in (["calibrate", str(tiny), "--target-context", str(TARGET)], ["eval", str(tiny)]):
         assert main(cmd + ["-j", "0", "-q"]) == 2 and "--parallel must be at least 1" in capsys.readouterr().err
-    # convert without --scales needs a way to get them
-    assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "-q"]) == 2
-    assert "--target-context" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["convert", str(tiny), "-o", str(tmp_path / "z.gguf"), "--from-calibration", str(bad), "-q"]) == 2
@@ -276,3 +273,26 @@ def test_convert_measures_scores_for_topk_and_detects_for_given_scores(tiny, tmp
     params, table = read_dpe(out2)
     keep = topk_mask(scores, 4)
     assert params.topk == 4 and np.array_equal(table, divisor_table(2, 2, 8, params.group_scales, keep))
+
+
+def test_convert_calibrate_on_a_cpu_calibrates(tiny, tmp_path, monkeypatch, capsys):
+    """`convert --calibrate` on a CPU build runs the calibration (at 4L, the default window) and the
+    note records it; made small the way run() makes it (1 trial, 2 groups, short selection texts)."""
+    monkeypatch.setenv("DPE_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("dpe_gguf.runtime.build_info", lambda: {"cuda": False})
+    runs, real = [], C.calibrate
+
+    def small(model, target, **kw):
+        runs.append(real(model, target, **kw, trials=1, n_groups=2, sel_samples=2, sel_tokens=256))
+        return runs[-1]
+    monkeypatch.setattr(C, "calibrate", small)
+    out = tmp_path / "cal.dpe.gguf"
+    assert main(["convert", str(tiny), "-o", str(out), "--calibrate", "--quick"]) == 0
+    cal, = runs
+    assert cal.target == 4 * 1024 and cal.window == 128 and len(cal.detection) == 2 and cal.settings["quick"]
+    params, table = read_dpe(out)
+    assert params.group_scales == cal.group_scales and params.target_context == 4096 and params.window == 128
+    assert np.array_equal(table, divisor_table(2, 2, 8, cal.group_scales, topk_mask(cal.score_array(), cal.topk)))
+    assert params.calibration.startswith("dpe-gguf convert --calibrate; calibrated (--calibrate): "
+                                         "dpe-gguf calibrate v1: selection top-6")
+    assert "calibrated for 4096 tokens" in capsys.readouterr().out

@@ -438,9 +438,12 @@ def test_bad_strip_without_dpe(llama, tmp_path, capsys):
 
 
 def test_bad_usage(llama, tmp_path, capsys):
-    # no divisors: --scales, a calibration file or a target to calibrate for
-    _bad(tmp_path, ["convert", str(llama), "--window", "10"], capsys, "--target-context")
     _bad(tmp_path, ["convert", str(llama), "--scales", "2"], capsys, "--window")
+    _bad(tmp_path, ["convert", str(llama), "--calibrate", "--no-calibrate"], capsys, "not allowed with")
+    _bad(tmp_path, ["convert", str(llama), "--calibrate", "--window", "10", "--scales", "2"], capsys,
+         "drop --scales")
+    _bad(tmp_path, ["convert", str(llama), "--no-calibrate", "--from-calibration", "x.json"], capsys,
+         "drop --scales / --from-calibration")
     _bad(tmp_path, ["frobnicate"], capsys, "invalid choice")
     assert main([]) == 2
 
@@ -543,3 +546,112 @@ def test_incomplete_dpe_metadata(tmp_path, capsys):
     assert main(conv(src, "-o", str(tmp_path / "o.gguf"), "--force")) == 0
     assert [k for k, _, _ in kv_items(tmp_path / "o.gguf") if k.startswith("dpe.")] == DPE_KEYS
     assert read_dpe(tmp_path / "o.gguf")[0].window == 100
+
+
+# ---------------------------------------------------------------- no divisors given: calibrate or uniform 2T/L
+
+@pytest.fixture()
+def no_gpu(monkeypatch):
+    """A CPU build (whatever this one is), and a calibration that must not run."""
+    from dpe_gguf import calibrate as C
+    monkeypatch.setattr("dpe_gguf.runtime.build_info", lambda: {"cuda": False})
+
+    def no_calibration(*a, **k):
+        raise AssertionError("no GPU and no --calibrate: nothing may be calibrated")
+    monkeypatch.setattr(C, "calibrate", no_calibration)
+    monkeypatch.setattr(C, "select", no_calibration)
+
+
+def uniform_checks(out: Path, src: Path, target: int, divisor: int) -> DPEParams:
+    info = read_model_info(src)
+    params, table = read_dpe(out)
+    assert params.target_context == target and params.window == 64      # min(1024, L/8), L = 512
+    assert params.group_scales == (divisor,) * 8
+    assert table.shape == info.table_shape and np.all(table == divisor)   # every frequency scaled
+    assert inspect_dpe(out)["topk"] == info.n_freq
+    assert "not calibrated" in params.calibration and f"uniform background divisor {divisor}" in params.calibration
+    assert tensor_bytes(out).keys() - tensor_bytes(src).keys() == {"rope_dpe.weight"}
+    return params
+
+
+def inspect_dpe(path: Path) -> dict:
+    from dpe_gguf.convert import inspect
+    return inspect(path)["dpe"]
+
+
+def test_convert_without_options_writes_the_uniform_table_on_a_cpu(llama, tmp_path, capsys, no_gpu):
+    """No options on a CPU build: target 4L, window min(1024, L/8), every group at 2T/L = 8 on every
+    frequency, at once; the message says what it is, how it measured and how to calibrate it."""
+    assert main(["convert", str(llama)]) == 0
+    out = tmp_path / "llama.dpe.gguf"
+    params = uniform_checks(out, llama, 4 * 512, 8)
+    assert params.calibration.startswith("dpe-gguf convert: no options;")
+    assert "no GPU (this build has no CUDA)" in params.calibration
+    printed = capsys.readouterr()
+    assert "4 x the trained 512" in printed.err
+    assert f"wrote {out}" in printed.out and "not calibrated, no GPU" in printed.out
+    assert "on SmolLM2-135M, H100, 20 trials" in printed.out and "17/20 at 16k and 8/20 at 32k" in printed.out
+    assert f"dpe-gguf convert {llama} --target-context 2048 --force" in printed.out
+    assert f"dpe-gguf calibrate {llama} --target-context 2048 -o calibration.json" in printed.out
+    assert main(["inspect", str(out)]) == 0
+    assert "DPE calibration         dpe-gguf convert: no options; uniform" in capsys.readouterr().out
+
+
+def test_no_calibrate_gives_the_same_and_takes_the_target(llama, tmp_path, capsys, no_gpu):
+    auto, forced = tmp_path / "auto.gguf", tmp_path / "forced.gguf"
+    assert main(["convert", str(llama), "-o", str(auto), "-q"]) == 0
+    assert main(["convert", str(llama), "-o", str(forced), "--no-calibrate", "-q"]) == 0
+    assert np.array_equal(read_dpe(auto)[1], read_dpe(forced)[1])
+    params = uniform_checks(forced, llama, 2048, 8)
+    assert "--no-calibrate" in params.calibration and "not calibrated: --no-calibrate" in params.calibration
+    # --target-context T --no-calibrate: 2T/L = 4 at T = 2L (and 16 at T = 8L)
+    for target, divisor in ((1024, 4), (4096, 16)):
+        out = tmp_path / f"t{target}.gguf"
+        assert main(["convert", str(llama), "-o", str(out), "--target-context", str(target), "--no-calibrate"]) == 0
+        uniform_checks(out, llama, target, divisor)
+        assert f"--target-context {target} --force" in capsys.readouterr().out
+    # --topk with given scores: the uniform divisor on the selected frequencies only
+    scores = np.random.default_rng(0).random((3, 2, 8))
+    np.save(tmp_path / "s.npy", scores)
+    out = tmp_path / "sel.gguf"
+    assert main(["convert", str(llama), "-o", str(out), "--no-calibrate", "--scores", str(tmp_path / "s.npy"),
+                 "--topk", "5", "-q"]) == 0
+    params, table = read_dpe(out)
+    assert params.topk == 5 and np.array_equal(table, divisor_table(3, 2, 8, (8,) * 8, topk_mask(scores, 5)))
+
+
+def test_convert_without_options_calibrates_where_a_gpu_is(llama, tmp_path, capsys, monkeypatch):
+    """With a GPU the default is the calibration at 4L with the default window and settings, and the
+    note says so; --target-context alone calibrates too, as before."""
+    from dpe_gguf import calibrate as C
+    calls = []
+
+    def fake_calibrate(model, target, **kw):
+        calls.append((target, kw))
+        return C.Calibration(model_sha256="x", target=target, window=kw["window"], topk=6,
+                             group_scales=(8, 8, 4, 16, 8, 8, 8, 16), scores=None, settings={"task": "multi_needle"})
+    monkeypatch.setattr("dpe_gguf.runtime.gpu_present", lambda: (True, "GPU present"))
+    monkeypatch.setattr(C, "calibrate", fake_calibrate)
+    out = tmp_path / "cal.gguf"
+    assert main(["convert", str(llama), "-o", str(out)]) == 0
+    assert calls == [(2048, dict(window=64, topk=None, quick=False, scores=None, parallel=1, quiet=False))]
+    params, table = read_dpe(out)
+    assert params.group_scales == (8, 8, 4, 16, 8, 8, 8, 16) and params.target_context == 2048
+    assert params.calibration.startswith("dpe-gguf convert: no options; calibrated (GPU present): dpe-gguf calibrate")
+    assert "calibrated for 2048 tokens" in capsys.readouterr().out
+    monkeypatch.setattr("dpe_gguf.runtime.gpu_present", lambda: (False, "no GPU (test)"))
+    assert main(["convert", str(llama), "-o", str(out), "--target-context", "3000", "--quick", "--force", "-q"]) == 0
+    assert calls[-1][0] == 3000 and calls[-1][1]["quick"] is True
+    assert "--target-context 3000; calibrated (--target-context given)" in read_dpe(out)[0].calibration
+
+
+def test_existing_output_is_refused_before_any_work(llama, tmp_path, capsys, no_gpu):
+    """Without --force an existing output stops convert before it calibrates or measures anything."""
+    out = tmp_path / "llama.dpe.gguf"
+    out.write_bytes(b"precious")
+    for extra in ([], ["--calibrate"], ["--target-context", "2048"], ["--no-calibrate", "--topk", "4"],
+                  ["--window", "64", "--scales", "2,4", "--topk", "4"]):
+        _bad(tmp_path, ["convert", str(llama), *extra], capsys, "pass --force")
+    assert out.read_bytes() == b"precious"
+    assert main(["convert", str(llama), "--force", "-q"]) == 0
+    uniform_checks(out, llama, 2048, 8)
