@@ -1,4 +1,4 @@
-// GGML_OP_ROPE_DPE on the CPU (compiled into ggml-cpu). Semantics: ggml-dpe.h; arithmetic: ggml-dpe-impl.h.
+// GGML_OP_ROPE_DPE and GGML_OP_DPE_NEAR_SCORES on the CPU (compiled into ggml-cpu). Semantics: ggml-dpe.h; rope arithmetic: ggml-dpe-impl.h.
 #include "ggml-dpe.h"
 #include "ggml-dpe-impl.h"
 
@@ -21,7 +21,7 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
     const int   mode       = p.mode;
     const int   n_ctx_orig = p.n_ctx_orig;
     const int   window     = p.window;
-    const bool  is_query   = p.is_query;
+    const int   kind       = p.kind;
     const float freq_base  = p.freq_base;
     const float freq_scale = p.freq_scale;
     const float ext_factor = p.ext_factor;
@@ -93,7 +93,7 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                     continue;
                 }
                 cache_s[f] = s;
-                const int64_t delta = ggml_dpe_delta(pos[i2], s, window, is_query);
+                const int64_t delta = ggml_dpe_delta_kind(pos[i2], s, window, kind);
                 rot[f] = delta != 0;
                 if (rot[f]) {
                     const float theta = ggml_dpe_angle(delta, rate[f]);
@@ -124,6 +124,45 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         }
         for (int64_t i0 = n_dims; i0 < ne0; i0++) {
             y[i0] = x[i0];
+        }
+    }
+}
+
+void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * kq_near = dst->src[1];
+    const int32_t * idx     = (const int32_t *) dst->src[2]->data;
+    const int32_t * pos_win = (const int32_t *) dst->src[3]->data;
+    const int32_t * pos_q   = (const int32_t *) dst->src[4]->data;
+    const int32_t   window  = ((const int32_t *) dst->op_params)[0];
+
+    GGML_ASSERT(dst->type == GGML_TYPE_F32 && kq_near->type == GGML_TYPE_F32);
+
+    const int64_t n_kv  = dst->ne[0];
+    const int64_t n_win = kq_near->ne[0];
+    const int64_t n_tps = dst->ne[1];
+    const int64_t n_h   = dst->ne[2];
+    const int64_t nr    = n_tps*n_h*dst->ne[3];
+
+    const int64_t dr  = (nr + params->nth - 1)/params->nth;
+    const int64_t ir0 = dr*params->ith;
+    const int64_t ir1 = MIN(ir0 + dr, nr);
+
+    for (int64_t ir = ir0; ir < ir1; ir++) {
+        const int64_t s  = ir/(n_tps*n_h);
+        const int64_t h  = (ir - s*n_tps*n_h)/n_tps;
+        const int64_t i  = ir - s*n_tps*n_h - h*n_tps;
+        const int64_t pq = pos_q[s*n_tps + i];
+
+        float       * y = (float       *) ((char       *) dst->data     + i*dst->nb[1]     + h*dst->nb[2]     + s*dst->nb[3]);
+        const float * x = (const float *) ((const char *) kq_near->data + i*kq_near->nb[1] + h*kq_near->nb[2] + s*kq_near->nb[3]);
+        const int32_t * ids = idx     + s*n_win;
+        const int32_t * pw  = pos_win + s*n_win;
+        for (int64_t j = 0; j < n_win; j++) {
+            const int64_t r = pq - pw[j];
+            if (r >= 0 && r < window) {
+                GGML_ASSERT(ids[j] >= 0 && ids[j] < n_kv);
+                y[ids[j]] = x[j];
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ static __global__ void rope_dpe_f32(
         const int64_t s01, const int64_t s02, const int64_t s03, // strides of x in floats
         const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
         const float theta_scale, const float freq_scale, const float ext_factor, const float corr_low, const float corr_high,
-        const float * freq_factors, const int window, const bool is_query) {
+        const float * freq_factors, const int window, const int kind) {
     const int i0 = 2*(blockDim.y*blockIdx.y + threadIdx.y);
     if (i0 >= ne00) {
         return;
@@ -41,7 +41,7 @@ static __global__ void rope_dpe_f32(
     int32_t s = (int32_t) table[(i1/n_group)*s_table + f];
     s = s < 1 ? 1 : s; // the CPU kernel asserts instead; the loader validates the table
 
-    const int64_t delta = ggml_dpe_delta(pos[i2], s, window, is_query);
+    const int64_t delta = ggml_dpe_delta_kind(pos[i2], s, window, kind);
     if (delta == 0) {
         yr[ia] = x0;
         yr[ib] = x1;
@@ -66,7 +66,7 @@ static void rope_dpe_f32_cuda(
         const int64_t s01, const int64_t s02, const int64_t s03,
         const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
         const float theta_scale, const float freq_scale, const float ext_factor, const float corr_dims[2],
-        const float * freq_factors, const int window, const bool is_query, cudaStream_t stream) {
+        const float * freq_factors, const int window, const int kind, cudaStream_t stream) {
     GGML_ASSERT(ne00 % 2 == 0);
     GGML_ASSERT(nr <= INT_MAX);
     const dim3 block_dims(1, CUDA_ROPE_DPE_BLOCK_SIZE, 1);
@@ -76,11 +76,11 @@ static void rope_dpe_f32_cuda(
     if (freq_factors == nullptr) {
         rope_dpe_f32<neox, false><<<block_nums, block_dims, 0, stream>>>(
             x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, is_query);
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind);
     } else {
         rope_dpe_f32<neox, true><<<block_nums, block_dims, 0, stream>>>(
             x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, is_query);
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind);
     }
 }
 
@@ -114,7 +114,7 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int   mode       = p.mode;
     const int   n_ctx_orig = p.n_ctx_orig;
     const int   window     = p.window;
-    const bool  is_query   = p.is_query;
+    const int   kind       = p.kind;
     const float freq_base  = p.freq_base;
     const float freq_scale = p.freq_scale;
     const float ext_factor = p.ext_factor;
@@ -149,9 +149,58 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     cudaStream_t stream = ctx.stream();
     if (mode == GGML_ROPE_TYPE_NEOX) {
         rope_dpe_f32_cuda<true>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, is_query, stream);
+            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, stream);
     } else {
         rope_dpe_f32_cuda<false>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, is_query, stream);
+            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, stream);
     }
+}
+
+// GGML_OP_DPE_NEAR_SCORES (ggml-dpe.h): one block per (query, head, stream) row, threads over the window slots.
+static __global__ void dpe_near_scores_f32(
+        float * dst, const float * kq_near, const int32_t * idx, const int32_t * pos_win, const int32_t * pos_q,
+        const int n_win, const int n_tps, const int n_h,
+        const int64_t s1, const int64_t s2, const int64_t s3,     // strides of dst in floats
+        const int64_t t1, const int64_t t2, const int64_t t3,     // strides of kq_near in floats
+        const int window) {
+    const int64_t row = blockIdx.x;
+    const int64_t s   = row/((int64_t) n_tps*n_h);
+    const int64_t h   = (row - s*n_tps*n_h)/n_tps;
+    const int64_t i   = row - s*n_tps*n_h - h*n_tps;
+    const int64_t pq  = pos_q[s*n_tps + i];
+
+    float       * y = dst     + i*s1 + h*s2 + s*s3;
+    const float * x = kq_near + i*t1 + h*t2 + s*t3;
+    for (int j = threadIdx.x; j < n_win; j += blockDim.x) {
+        const int64_t r = pq - pos_win[s*n_win + j];
+        if (r >= 0 && r < window) {
+            y[idx[s*n_win + j]] = x[j];
+        }
+    }
+}
+
+bool ggml_cuda_supports_dpe_near_scores(const ggml_tensor * op) {
+    const ggml_tensor * kq      = op->src[0];
+    const ggml_tensor * kq_near = op->src[1];
+    return kq->type == GGML_TYPE_F32 && kq_near->type == GGML_TYPE_F32 &&
+           kq->nb[0] == sizeof(float) && kq_near->nb[0] == sizeof(float) &&
+           kq->nb[1] % sizeof(float) == 0 && kq->nb[2] % sizeof(float) == 0 && kq->nb[3] % sizeof(float) == 0 &&
+           kq_near->nb[1] % sizeof(float) == 0 && kq_near->nb[2] % sizeof(float) == 0 && kq_near->nb[3] % sizeof(float) == 0 &&
+           op->src[2]->type == GGML_TYPE_I32 && op->src[3]->type == GGML_TYPE_I32 && op->src[4]->type == GGML_TYPE_I32 &&
+           kq_near->ne[0] <= INT_MAX && ggml_nrows(kq) <= INT_MAX;
+}
+
+void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * kq_near = dst->src[1];
+    const int window = ((const int32_t *) dst->op_params)[0];
+    const int64_t nr = dst->ne[1]*dst->ne[2]*dst->ne[3];
+    if (nr == 0 || kq_near->ne[0] == 0) {
+        return;
+    }
+    dpe_near_scores_f32<<<(unsigned) nr, 256, 0, ctx.stream()>>>(
+        (float *) dst->data, (const float *) kq_near->data, (const int32_t *) dst->src[2]->data,
+        (const int32_t *) dst->src[3]->data, (const int32_t *) dst->src[4]->data,
+        (int) kq_near->ne[0], (int) dst->ne[1], (int) dst->ne[2],
+        dst->nb[1]/sizeof(float), dst->nb[2]/sizeof(float), dst->nb[3]/sizeof(float),
+        kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window);
 }

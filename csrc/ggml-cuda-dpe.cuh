@@ -1,6 +1,6 @@
 #pragma once
 
-// GGML_OP_ROPE_DPE on CUDA (compiled into ggml-cuda). Semantics: ggml-dpe.h.
+// GGML_OP_ROPE_DPE and GGML_OP_DPE_NEAR_SCORES on CUDA (compiled into ggml-cuda). Semantics: ggml-dpe.h.
 #include "common.cuh"
 
 #define CUDA_ROPE_DPE_BLOCK_SIZE 256
@@ -9,3 +9,9 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 
 // what ggml_cuda_op_rope_dpe handles: F32 a with contiguous rows, I32 pos, F32 table, optional F32 freq_factors
 bool ggml_cuda_supports_rope_dpe(const ggml_tensor * op);
+
+// GGML_OP_DPE_NEAR_SCORES (ggml-dpe.h): near scores into the far score matrix, in place
+void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// what ggml_cuda_op_dpe_near_scores handles: F32 scores with float-aligned strides, I32 index and positions
+bool ggml_cuda_supports_dpe_near_scores(const ggml_tensor * op);

@@ -46,6 +46,12 @@ GGML_DPE_HD int64_t ggml_dpe_delta(int32_t p, int32_t s, int32_t w, bool is_quer
     return P - (int64_t) p;
 }
 
+// the position delta of a GGML_OP_ROPE_DPE kind (enum ggml_rope_dpe_kind): KEY_INVERSE undoes KEY
+GGML_DPE_HD int64_t ggml_dpe_delta_kind(int32_t p, int32_t s, int32_t w, int kind) {
+    const int64_t delta = ggml_dpe_delta(p, s, w, kind == GGML_ROPE_DPE_QUERY);
+    return kind == GGML_ROPE_DPE_KEY_INVERSE ? -delta : delta;
+}
+
 // theta_f per unit position, in double: theta_scale^f / ff, times freq_scale mixed with the YaRN ramp as in
 // ggml's rope_yarn (theta_interp * (1 - ramp_mix) + theta_extrap * ramp_mix), without magnitude scaling.
 GGML_DPE_HD double ggml_dpe_rate(int f, float theta_scale, float ff, float freq_scale, float ext_factor,
@@ -81,7 +87,7 @@ GGML_DPE_HD float ggml_dpe_angle(int64_t delta, double rate) {
 // The op_params of a GGML_OP_ROPE_DPE node (layout: enum ggml_rope_dpe_param), decoded on the host.
 struct ggml_rope_dpe_op_params {
     int   n_dims, mode, n_ctx_orig, window;
-    bool  is_query;
+    int   kind; // enum ggml_rope_dpe_kind
     float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
 };
 
@@ -92,7 +98,7 @@ static inline struct ggml_rope_dpe_op_params ggml_rope_dpe_get_op_params(const s
     p.mode       = op[GGML_ROPE_DPE_P_MODE];
     p.n_ctx_orig = op[GGML_ROPE_DPE_P_N_CTX_ORIG];
     p.window     = op[GGML_ROPE_DPE_P_WINDOW];
-    p.is_query   = op[GGML_ROPE_DPE_P_IS_QUERY] != 0;
+    p.kind       = op[GGML_ROPE_DPE_P_KIND];
     memcpy(&p.freq_base,  op + GGML_ROPE_DPE_P_FREQ_BASE,  sizeof(float));
     memcpy(&p.freq_scale, op + GGML_ROPE_DPE_P_FREQ_SCALE, sizeof(float));
     memcpy(&p.ext_factor, op + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));

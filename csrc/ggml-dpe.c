@@ -20,7 +20,7 @@ struct ggml_tensor * ggml_rope_dpe(
         float                 beta_fast,
         float                 beta_slow,
         int                   window,
-        bool                  is_query) {
+        int                   kind) {
     GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
     GGML_ASSERT(a->type == GGML_TYPE_F32);
     GGML_ASSERT(a->nb[0] == sizeof(float));
@@ -42,6 +42,7 @@ struct ggml_tensor * ggml_rope_dpe(
         GGML_ASSERT(freq_factors->ne[0] >= n_dims / 2);
     }
     GGML_ASSERT(window >= 0);
+    GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE);
 
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, a->ne);
 
@@ -55,7 +56,7 @@ struct ggml_tensor * ggml_rope_dpe(
     memcpy(params + GGML_ROPE_DPE_P_BETA_FAST,  &beta_fast,  sizeof(float));
     memcpy(params + GGML_ROPE_DPE_P_BETA_SLOW,  &beta_slow,  sizeof(float));
     params[GGML_ROPE_DPE_P_WINDOW]     = window;
-    params[GGML_ROPE_DPE_P_IS_QUERY]   = is_query ? 1 : 0;
+    params[GGML_ROPE_DPE_P_KIND]       = kind;
     ggml_set_op_params(result, params, sizeof(params));
 
     result->op     = GGML_OP_ROPE_DPE;
@@ -63,6 +64,39 @@ struct ggml_tensor * ggml_rope_dpe(
     result->src[1] = pos;
     result->src[2] = table;
     result->src[3] = freq_factors;
+
+    return result;
+}
+
+struct ggml_tensor * ggml_dpe_near_scores(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * kq,
+        struct ggml_tensor  * kq_near,
+        struct ggml_tensor  * idx,
+        struct ggml_tensor  * pos_win,
+        struct ggml_tensor  * pos_q,
+        int                   window) {
+    GGML_ASSERT(kq->type == GGML_TYPE_F32 && kq_near->type == GGML_TYPE_F32);
+    GGML_ASSERT(kq->nb[0] == sizeof(float) && kq_near->nb[0] == sizeof(float));
+    GGML_ASSERT(kq_near->ne[1] == kq->ne[1] && kq_near->ne[2] == kq->ne[2] && kq_near->ne[3] == kq->ne[3]);
+    GGML_ASSERT(kq_near->ne[0] <= kq->ne[0]);
+    GGML_ASSERT(idx->type == GGML_TYPE_I32 && pos_win->type == GGML_TYPE_I32 && pos_q->type == GGML_TYPE_I32);
+    GGML_ASSERT(ggml_is_contiguous(idx) && ggml_is_contiguous(pos_win) && ggml_is_contiguous(pos_q));
+    GGML_ASSERT(idx->ne[0] == kq_near->ne[0] && idx->ne[1] == kq->ne[3] && ggml_nelements(idx) == ggml_nelements(pos_win));
+    GGML_ASSERT(ggml_nelements(pos_q) == kq->ne[1]*kq->ne[3]);
+    GGML_ASSERT(window >= 0);
+
+    struct ggml_tensor * result = ggml_view_tensor(ctx, kq);
+
+    int32_t params[1] = { window };
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_DPE_NEAR_SCORES;
+    result->src[0] = kq;
+    result->src[1] = kq_near;
+    result->src[2] = idx;
+    result->src[3] = pos_win;
+    result->src[4] = pos_q;
 
     return result;
 }

@@ -20,8 +20,15 @@ extern "C" {
         GGML_ROPE_DPE_P_BETA_FAST  = 6,  // float
         GGML_ROPE_DPE_P_BETA_SLOW  = 7,  // float
         GGML_ROPE_DPE_P_WINDOW     = 8,  // int32: local window w
-        GGML_ROPE_DPE_P_IS_QUERY   = 9,  // int32: 1 = query positions P_q, 0 = key positions P_k
+        GGML_ROPE_DPE_P_KIND       = 9,  // int32: enum ggml_rope_dpe_kind
         GGML_ROPE_DPE_P_COUNT      = 10,
+    };
+
+    // What GGML_OP_ROPE_DPE rotates: pos -> P(pos) for keys or queries, or a far key back to pos
+    enum ggml_rope_dpe_kind {
+        GGML_ROPE_DPE_KEY         = 0, // key positions P_k (a key rotated at pos -> its far key)
+        GGML_ROPE_DPE_QUERY       = 1, // query positions P_q
+        GGML_ROPE_DPE_KEY_INVERSE = 2, // a far key -> the key rotated at pos (the inverse of KEY)
     };
 
     // Rotate vectors that ordinary RoPE already rotated at position pos to DPE's far positions.
@@ -35,7 +42,7 @@ extern "C" {
     //   freq_factors F32 [n_dims/2] or NULL: the model's rope_freqs, as given to ggml_rope_ext
     //
     // Frequency f of head h (pair (2f, 2f+1) in NORMAL mode, (f, f + n_dims/2) in NEOX mode) is rotated by
-    //   (P(pos, s) - pos) * theta_f,   s = sigma(h, f)
+    //   (P(pos, s) - pos) * theta_f,   s = sigma(h, f)    (kind KEY or QUERY; KEY_INVERSE: the negative of KEY's)
     //   key:   P_k(j, s) = floor(j/s)
     //   query: P_q(i, s) = floor(i/s) + window - floor(window/s)
     // where theta_f is ggml_rope_ext's angle rate for f with the same n_dims, freq_base, freq_scale,
@@ -61,7 +68,29 @@ extern "C" {
             float                 beta_fast,
             float                 beta_slow,
             int                   window,
-            bool                  is_query);
+            int                   kind);   // enum ggml_rope_dpe_kind (false/true: key/query)
+
+    // DPE's one softmax over near and far scores (spec section 3), at the width of the cache: put the near
+    // scores of the window cells into a matrix of far scores, in place.
+    //
+    //   kq       F32 [n_kv, n_tps, n_head, n_stream]: scores of the far queries against every cell's far key
+    //   kq_near  F32 [n_win, n_tps, n_head, n_stream]: scores of the ordinary queries against the keys of the
+    //            window slots (ordinary RoPE)
+    //   idx      I32 [n_win, n_stream]: the cell (0 .. n_kv-1) of each window slot
+    //   pos_win  I32 [n_win, n_stream]: the position of each window slot's cell
+    //   pos_q    I32 [n_tps*n_stream]: the position of each query, stream after stream
+    //
+    // kq[idx[j, s], i, h, s] = kq_near[j, i, h, s] wherever 0 <= pos_q[s*n_tps + i] - pos_win[j, s] < window;
+    // every other score keeps its far value. Slots no query is near to (padding: pos_win = INT32_MAX) change
+    // nothing. Returns kq (a view: the node writes into kq's memory).
+    GGML_API struct ggml_tensor * ggml_dpe_near_scores(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * kq,
+            struct ggml_tensor  * kq_near,
+            struct ggml_tensor  * idx,
+            struct ggml_tensor  * pos_win,
+            struct ggml_tensor  * pos_q,
+            int                   window);
 
 #ifdef  __cplusplus
 }

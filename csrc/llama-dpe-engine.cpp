@@ -1,21 +1,25 @@
 // dpe-gguf: DPE inside llama.cpp (dpe-spec.md section 3). Compiled into libllama; called from the hooks
 // in patches/0004-llama-dpe-engine.patch (declarations: llama-dpe-impl.h).
 //
-// Design (docs/engine-design.md section 1, with one change): the KV cache stores what stock stores
-// (K rotated by ordinary RoPE at the cell's position). For layers with DPE, the far keys are derived
-// per graph from the cached keys and the cells' positions by GGML_OP_ROPE_DPE, and the far queries
-// from the ordinary queries. Near and far scores then go through ONE stock attention call:
+// Design (docs/engine-design.md sections 1-3):
 //
-//   q' = [q ; q_far]          (head dim 2*d)
-//   k' = [[k ; 0] | [0 ; k_far]]   (head dim 2*d, 2*n_kv keys: near copies, then far copies)
-//   v' = [v | v]
-//   mask' = [mask_near | mask_far], mask_near = stock mask where i - j < w, mask_far where i - j >= w
+// - The KV cache stores far keys. A far key depends on its own cell only,
+//   k_far(j) = rotate(k(j), (P_k(j, sigma) - j) * theta_f), so llama_dpe_build_qk rotates the ubatch's new keys
+//   once, before they are written (GGML_OP_ROPE_DPE, kind KEY), and computes the far queries the same way.
+//   KV memory is stock's.
+// - Near scores exist only for cells within w of some query of the ubatch: the window set. Its cells are found
+//   on the host from the cells' positions and sequences (at most w - 1 per sequence plus the ubatch's own
+//   tokens), gathered from the cache (get_rows) and rotated back to ordinary keys (kind KEY_INVERSE).
+// - Without flash attention the score matrix keeps stock's width n_kv: far scores of the far queries against
+//   the cache (stock's matmul), near scores of the ordinary queries against the window cells, merged in place
+//   where 0 <= i - j < w (GGML_OP_DPE_NEAR_SCORES), then stock's masked softmax and V product.
+// - With flash attention (until a fused kernel reads both sets): one stock flash-attention call over
+//   n_win + n_kv cells with doubled head dim, q' = [q ; q_far], window cells [k ; 0], cache cells [0 ; k_far],
+//   and a mask that keeps each (query, cell) pair in exactly one of the two copies: one softmax, exact.
 //
-// so q'.k'_j = q.k_j for the near copy of cell j and q_far.k_far_j for the far copy, and the softmax
-// normalises both sets together: exactly the merged attention of the spec, with flash attention on or
-// off, any KV cache type (keys/values are read as F32), CPU or CUDA. KV memory is stock's. Cost: 4x
-// the QK and PV work of stock attention; the fast path (a fused kernel over the window and the far
-// cache) replaces this without touching the cache or the inputs.
+// With a quantized K cache llama.cpp may rotate q and k by a Hadamard matrix H before the cache; DPE's
+// rotations act on the model's own pairs, so they run before H, and the window's keys are taken out of H
+// (H is symmetric and orthogonal) before they are rotated back.
 //
 // Position shifts (seq_add, seq_div, context shift) are refused (patches/0004, llama-kv-cache.cpp):
 // DPE's positions floor(j/s) are not shift-invariant, so the values of shifted cells, computed by
@@ -34,6 +38,8 @@
 #include "llama-model-loader.h"
 #include "llama-model.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <stdexcept>
 #include <vector>
@@ -160,90 +166,147 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
     const int64_t n_kv     = mctx->get_n_kv();
     const int64_t n_tokens = ubatch.n_tokens;
     const int64_t n_stream = inp->self_kq_mask->ne[3];
+    const int64_t n_tps    = n_tokens/n_stream;
+
+    // The window set of a stream: cells within w of some query of one of its sequences. A ubatch holds
+    // consecutive positions of each sequence, so a sequence adds at most w - 1 cells before its first token
+    // plus its own tokens. The size depends only on what graph reuse compares (n_kv, the ubatch's shape and
+    // its number of sequences), so a reused graph fits the next ubatch.
+    const int64_t seqs  = (ubatch.n_seqs_unq + n_stream - 1)/n_stream;
+    const int64_t n_win = std::min<int64_t>(n_kv, seqs*((int64_t) dpe.window - 1) + n_tps);
 
     inp->dpe_pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
     ggml_set_input(inp->dpe_pos_q);
     ggml_set_name(inp->dpe_pos_q, "dpe_pos_q");
 
-    inp->dpe_pos_kv = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_kv*n_stream);
-    ggml_set_input(inp->dpe_pos_kv);
-    ggml_set_name(inp->dpe_pos_kv, "dpe_pos_kv");
+    inp->dpe_win_idx = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_win, n_stream);
+    ggml_set_input(inp->dpe_win_idx);
+    ggml_set_name(inp->dpe_win_idx, "dpe_win_idx");
 
-    inp->dpe_kq_mask = ggml_new_tensor_4d(ctx, inp->self_kq_mask->type, 2*n_kv, n_tokens/n_stream, 1, n_stream);
-    ggml_set_input(inp->dpe_kq_mask);
-    ggml_set_name(inp->dpe_kq_mask, "dpe_kq_mask");
+    inp->dpe_win_pos = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_win, n_stream);
+    ggml_set_input(inp->dpe_win_pos);
+    ggml_set_name(inp->dpe_win_pos, "dpe_win_pos");
+
+    if (cparams.flash_attn) {
+        inp->dpe_kq_mask = ggml_new_tensor_4d(ctx, inp->self_kq_mask->type, n_win + n_kv, n_tps, 1, n_stream);
+        ggml_set_input(inp->dpe_kq_mask);
+        ggml_set_name(inp->dpe_kq_mask, "dpe_kq_mask");
+    }
 
     inp->dpe_window = dpe.window;
 }
 
+// The flash-attention mask over [window copies | cache cells]: a window copy keeps the stock mask where the
+// query is near its cell (0 <= i - j < w), a cache cell keeps it everywhere else.
 template <typename T>
-static void dpe_fill_mask(const T * stock, T * out, T drop, const int32_t * pos_q, const int32_t * pos_kv,
-                          int64_t n_kv, int64_t n_tps, int64_t n_stream, int32_t window) {
+static void dpe_fill_fa_mask(const T * stock, T * out, T drop, const int32_t * pos_q, const int32_t * idx,
+                             const int32_t * wpos, int64_t n_kv, int64_t n_win, int64_t n_tps, int64_t n_stream,
+                             int32_t window) {
     for (int64_t s = 0; s < n_stream; ++s) {
         for (int64_t ii = 0; ii < n_tps; ++ii) {
             const int64_t i   = s*n_tps + ii;
             const T * src     = stock + n_kv*i;
-            T       * near    = out + 2*n_kv*i;
-            T       * far     = near + n_kv;
-            const int32_t * p = pos_kv + s*n_kv;
-            for (int64_t j = 0; j < n_kv; ++j) {
-                const bool is_near = pos_q[i] - p[j] < window;
-                near[j] = is_near ? src[j] : drop;
-                far[j]  = is_near ? drop   : src[j];
+            T       * near    = out + (n_win + n_kv)*i;
+            T       * far     = near + n_win;
+            std::copy(src, src + n_kv, far);
+            for (int64_t j = 0; j < n_win; ++j) {
+                const int64_t r = (int64_t) pos_q[i] - wpos[s*n_win + j];
+                const bool is_near = r >= 0 && r < window;
+                near[j] = is_near ? src[idx[s*n_win + j]] : drop;
+                if (is_near) {
+                    far[idx[s*n_win + j]] = drop;
+                }
             }
         }
     }
 }
 
 void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatch * ubatch) {
-    if (inp->dpe_kq_mask == nullptr || inp->dpe_kq_mask->buffer == nullptr) {
+    if (inp->dpe_win_idx == nullptr || inp->dpe_win_idx->buffer == nullptr) {
         return;
     }
-    const ggml_tensor * dst = inp->dpe_kq_mask;
-
     const int64_t n_tokens = ubatch->n_tokens;
-    const int64_t n_kv     = dst->ne[0] / 2;
-    const int64_t n_tps    = dst->ne[1];
-    const int64_t n_stream = dst->ne[3];
+    const int64_t n_win    = inp->dpe_win_idx->ne[0];
+    const int64_t n_stream = inp->dpe_win_idx->ne[1];
+    const int64_t n_tps    = n_tokens/n_stream;
+    const int32_t w        = (int32_t) inp->dpe_window;
     GGML_ASSERT(n_tps*n_stream == n_tokens);
-
-    // stock's mask (causal, sequences, empty cells), computed by the cache itself into host memory:
-    // the graph no longer reads inp->self_kq_mask, so it has no buffer of its own
-    const size_t esize = ggml_type_size(dst->type);
-    const size_t stock_size = n_kv*n_tokens*esize;
-    std::vector<uint8_t> stock_mem(stock_size + 64);
-    uint8_t * stock_data = (uint8_t *) GGML_PAD((uintptr_t) stock_mem.data(), 64);
-    ggml_tensor stock = *inp->self_kq_mask;
-    stock.data   = stock_data;
-    stock.buffer = ggml_backend_cpu_buffer_from_ptr(stock_data, stock_size);
-    inp->mctx->set_input_kq_mask(&stock, ubatch, inp->cparams.causal_attn);
-    ggml_backend_buffer_free(stock.buffer);
 
     std::vector<int32_t> pos_q(ubatch->pos, ubatch->pos + n_tokens);
 
-    // positions of the cells each stream's tokens attend to (empty cells are masked; their position is unused)
+    // the window cells of each stream; unused slots point at cell 0 with a position no query is near to
     const llama_kv_cache * kv = inp->mctx->get_kv();
-    std::vector<int32_t> pos_kv(n_kv*n_stream, 0);
+    const int64_t n_kv = inp->mctx->get_n_kv();
+    std::vector<int32_t> idx(n_win*n_stream, 0);
+    std::vector<int32_t> wpos(n_win*n_stream, INT32_MAX);
     for (int64_t s = 0; s < n_stream; ++s) {
+        struct seq_range { llama_seq_id id; llama_pos lo, hi; };
+        std::vector<seq_range> seqs;
+        for (int64_t t = s*n_tps; t < (s + 1)*n_tps; ++t) {
+            for (int32_t k = 0; k < ubatch->n_seq_id[t]; ++k) {
+                const llama_seq_id id = ubatch->seq_id[t][k];
+                auto it = std::find_if(seqs.begin(), seqs.end(), [id](const seq_range & r) { return r.id == id; });
+                if (it == seqs.end()) {
+                    seqs.push_back({id, ubatch->pos[t], ubatch->pos[t]});
+                } else {
+                    it->lo = std::min(it->lo, ubatch->pos[t]);
+                    it->hi = std::max(it->hi, ubatch->pos[t]);
+                }
+            }
+        }
         const auto & cells = kv->get_cells(ubatch->seq_id[s*n_tps][0]);
+        int64_t n = 0;
         for (int64_t j = 0; j < n_kv && j < (int64_t) cells.size(); ++j) {
-            pos_kv[s*n_kv + j] = cells.is_empty(j) ? 0 : cells.pos_get(j);
+            if (cells.is_empty(j)) {
+                continue;
+            }
+            const llama_pos p = cells.pos_get(j);
+            bool in_window = false;
+            for (const auto & r : seqs) {
+                in_window = in_window || (p > r.lo - w && p <= r.hi && cells.seq_has(j, r.id));
+            }
+            if (!in_window) {
+                continue;
+            }
+            if (n == n_win) {
+                GGML_ABORT("DPE: the ubatch's tokens of a sequence are not at consecutive positions; "
+                           "DPE's window set needs them to be (or run with --dpe off)");
+            }
+            idx [s*n_win + n] = (int32_t) j;
+            wpos[s*n_win + n] = p;
+            ++n;
         }
     }
 
-    const int32_t w = (int32_t) inp->dpe_window;
-    std::vector<uint8_t> mask(ggml_nbytes(dst));
-    if (dst->type == GGML_TYPE_F16) {
-        dpe_fill_mask((const ggml_fp16_t *) stock_data, (ggml_fp16_t *) mask.data(),
-                      ggml_fp32_to_fp16(-INFINITY), pos_q.data(), pos_kv.data(), n_kv, n_tps, n_stream, w);
-    } else {
-        GGML_ASSERT(dst->type == GGML_TYPE_F32);
-        dpe_fill_mask((const float *) stock_data, (float *) mask.data(),
-                      -INFINITY, pos_q.data(), pos_kv.data(), n_kv, n_tps, n_stream, w);
+    if (inp->dpe_kq_mask != nullptr && inp->dpe_kq_mask->buffer != nullptr) {
+        // stock's mask (causal, sequences, empty cells), computed by the cache itself into host memory:
+        // the graph reads the DPE mask instead, so the stock one has no buffer of its own
+        const ggml_tensor * dst = inp->dpe_kq_mask;
+        GGML_ASSERT(dst->ne[0] == n_win + n_kv && dst->ne[1] == n_tps && dst->ne[3] == n_stream);
+        const size_t esize = ggml_type_size(dst->type);
+        const size_t stock_size = n_kv*n_tokens*esize;
+        std::vector<uint8_t> stock_mem(stock_size + 64);
+        uint8_t * stock_data = (uint8_t *) GGML_PAD((uintptr_t) stock_mem.data(), 64);
+        ggml_tensor stock = *inp->self_kq_mask;
+        stock.data   = stock_data;
+        stock.buffer = ggml_backend_cpu_buffer_from_ptr(stock_data, stock_size);
+        inp->mctx->set_input_kq_mask(&stock, ubatch, inp->cparams.causal_attn);
+        ggml_backend_buffer_free(stock.buffer);
+
+        std::vector<uint8_t> mask(ggml_nbytes(dst));
+        if (dst->type == GGML_TYPE_F16) {
+            dpe_fill_fa_mask((const ggml_fp16_t *) stock_data, (ggml_fp16_t *) mask.data(), ggml_fp32_to_fp16(-INFINITY),
+                             pos_q.data(), idx.data(), wpos.data(), n_kv, n_win, n_tps, n_stream, w);
+        } else {
+            GGML_ASSERT(dst->type == GGML_TYPE_F32);
+            dpe_fill_fa_mask((const float *) stock_data, (float *) mask.data(), -INFINITY,
+                             pos_q.data(), idx.data(), wpos.data(), n_kv, n_win, n_tps, n_stream, w);
+        }
+        ggml_backend_tensor_set(inp->dpe_kq_mask, mask.data(), 0, mask.size());
     }
-    ggml_backend_tensor_set(inp->dpe_kq_mask, mask.data(), 0, mask.size());
-    ggml_backend_tensor_set(inp->dpe_pos_q,   pos_q.data(),  0, ggml_nbytes(inp->dpe_pos_q));
-    ggml_backend_tensor_set(inp->dpe_pos_kv,  pos_kv.data(), 0, ggml_nbytes(inp->dpe_pos_kv));
+    ggml_backend_tensor_set(inp->dpe_pos_q,   pos_q.data(), 0, ggml_nbytes(inp->dpe_pos_q));
+    ggml_backend_tensor_set(inp->dpe_win_idx, idx.data(),   0, ggml_nbytes(inp->dpe_win_idx));
+    ggml_backend_tensor_set(inp->dpe_win_pos, wpos.data(),  0, ggml_nbytes(inp->dpe_win_pos));
 }
 
 // Zero-pads every row (dim 0) of the contiguous tensor x by `before` and `after` elements.
@@ -269,66 +332,121 @@ static ggml_tensor * dpe_pad_rows(ggml_context * ctx, ggml_tensor * x, int befor
     return ggml_reshape_4d(ctx, y, y->ne[0], x->ne[1], x->ne[2], x->ne[3]);
 }
 
-void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
-                          ggml_tensor *& q, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask) {
+// GGML_OP_ROPE_DPE of layer il with the model's own rope parameters
+static ggml_tensor * dpe_rope(const llm_graph_context & g, int il, ggml_tensor * x, ggml_tensor * pos, int kind) {
     const auto & dpe = g.hparams.dpe;
-    if (!dpe.active() || inp->dpe_kq_mask == nullptr) {
-        return;
-    }
-    ggml_context * ctx = g.ctx0;
-
-    const int64_t d      = k->ne[0]; // head dim of K
-    const int64_t n_h_kv = k->ne[1];
-    const int64_t n_kv   = k->ne[2];
-    const int64_t n_strm = k->ne[3];
-    const int     w      = (int) dpe.window;
-    const int     mode   = g.rope_type; // LLAMA_ROPE_TYPE_NORM/NEOX are GGML's mode values
-
-    ggml_tensor * table = ggml_view_2d(ctx, dpe.table, dpe.table->ne[0], dpe.table->ne[1], dpe.table->nb[1],
+    ggml_tensor * table = ggml_view_2d(g.ctx0, dpe.table, dpe.table->ne[0], dpe.table->ne[1], dpe.table->nb[1],
                                        (size_t) il*dpe.table->nb[2]);
     ggml_tensor * factors = dpe.model->get_rope_factors(g.cparams, il);
-
-    auto rope_dpe = [&](ggml_tensor * x, ggml_tensor * pos, bool is_query) {
-        return ggml_rope_dpe(ctx, x, pos, table, factors, (int) g.n_rot, mode, g.n_ctx_orig, g.freq_base,
-                             g.freq_scale, g.ext_factor, g.beta_fast, g.beta_slow, w, is_query);
-    };
-
-    // queries: [q ; q_far]
-    ggml_tensor * q_far = rope_dpe(q, inp->dpe_pos_q, true);
-    q = ggml_concat(ctx, q, q_far, 0);
-    ggml_format_name(q, "dpe_q-%d", il);
-
-    // keys: near copy [k ; 0] and far copy [0 ; k_far], along the KV axis
-    ggml_tensor * k32   = ggml_cast(ctx, k, GGML_TYPE_F32);
-    ggml_tensor * k_far = rope_dpe(ggml_reshape_3d(ctx, k32, d, n_h_kv, n_kv*n_strm), inp->dpe_pos_kv, false);
-    k_far = ggml_reshape_4d(ctx, k_far, d, n_h_kv, n_kv, n_strm);
-    k = ggml_concat(ctx, dpe_pad_rows(ctx, k32, 0, (int) d), dpe_pad_rows(ctx, k_far, (int) d, 0), 2);
-    ggml_format_name(k, "dpe_k-%d", il);
-
-    // values: the same V for both copies, in the non-transposed layout [d_v, n_head_kv, n_kv, n_stream],
-    // zero-padded to the head dim of q'/k' (flash-attention kernels want equal K and V head dims);
-    // llama_dpe_attn_output drops the padding from the result
-    const bool v_trans = v->nb[1] > v->nb[2];
-    ggml_tensor * v32 = ggml_cast(ctx, v_trans ? ggml_permute(ctx, v, 2, 1, 0, 3) : v, GGML_TYPE_F32);
-    v32 = dpe_pad_rows(ctx, v32, 0, (int) (2*d - v32->ne[0]));
-    v = ggml_concat(ctx, v32, v32, 2);
-    ggml_format_name(v, "dpe_v-%d", il);
-
-    kq_mask = inp->dpe_kq_mask;
+    // LLAMA_ROPE_TYPE_NORM/NEOX are GGML's mode values
+    return ggml_rope_dpe(g.ctx0, x, pos, table, factors, (int) g.n_rot, g.rope_type, g.n_ctx_orig, g.freq_base,
+                         g.freq_scale, g.ext_factor, g.beta_fast, g.beta_slow, (int) dpe.window, kind);
 }
 
-ggml_tensor * llama_dpe_attn_output(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
-                                    ggml_tensor * cur, int il) {
-    if (!g.hparams.dpe.active() || inp->dpe_kq_mask == nullptr) {
+ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
+                                 ggml_tensor * q_cur, ggml_tensor *& k_cur) {
+    if (!g.hparams.dpe.active() || inp->dpe_win_idx == nullptr) {
+        return nullptr;
+    }
+    ggml_tensor * q_far = dpe_rope(g, il, q_cur, inp->dpe_pos_q, GGML_ROPE_DPE_QUERY);
+    ggml_format_name(q_far, "dpe_q_far-%d", il);
+    k_cur = dpe_rope(g, il, k_cur, inp->dpe_pos_q, GGML_ROPE_DPE_KEY);
+    ggml_format_name(k_cur, "dpe_k_far-%d", il);
+    return q_far;
+}
+
+ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
+                                   ggml_tensor * q, ggml_tensor * q_far, ggml_tensor * k, ggml_tensor * v,
+                                   ggml_tensor * kq_b, ggml_tensor * kq_mask, ggml_tensor * sinks, float kq_scale) {
+    GGML_ASSERT(kq_b == nullptr && "DPE does not support a KQ bias");
+    ggml_context * ctx = g.ctx0;
+    const auto & hparams = g.hparams;
+
+    const int64_t d        = k->ne[0]; // head dim of K
+    const int64_t n_h_kv   = k->ne[1];
+    const int64_t n_kv     = k->ne[2];
+    const int64_t n_stream = k->ne[3];
+    const int64_t n_win    = inp->dpe_win_idx->ne[0];
+    const bool    v_trans  = v->nb[1] > v->nb[2];
+
+    // the window's ordinary keys: its cells' far keys from the cache, rotated back
+    ggml_tensor * k_win = ggml_get_rows(ctx, ggml_view_3d(ctx, k, d*n_h_kv, n_kv, n_stream, k->nb[2], k->nb[3], 0),
+                                        inp->dpe_win_idx); // F32 [d*n_h_kv, n_win, n_stream]
+    if (inp->self_k_rot) {
+        k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
+    }
+    k_win = dpe_rope(g, il, ggml_reshape_3d(ctx, k_win, d, n_h_kv, n_win*n_stream),
+                     ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream), GGML_ROPE_DPE_KEY_INVERSE);
+    if (inp->self_k_rot) {
+        k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
+    }
+    k_win = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
+    ggml_format_name(k_win, "dpe_k_win-%d", il);
+
+    ggml_tensor * cur;
+    if (!g.cparams.flash_attn) {
+        // [d, n_head, n_tokens] -> [d, n_tokens/n_stream, n_head, n_stream], as build_attn_mha splits streams
+        auto by_stream = [&](ggml_tensor * x) {
+            x = ggml_view_4d(ctx, x, x->ne[0], x->ne[1], x->ne[2]/n_stream, n_stream, x->nb[1], x->nb[2],
+                             x->nb[2]*(x->ne[2]/n_stream), 0);
+            return ggml_permute(ctx, x, 0, 2, 1, 3);
+        };
+        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        ggml_tensor * kq_near = ggml_mul_mat(ctx, ggml_permute(ctx, k_win, 0, 2, 1, 3), by_stream(q));
+        ggml_prec_set_acc(kq_near, GGML_PREC_F32);
+        if (hparams.attn_soft_cap) {
+            for (ggml_tensor ** x : {&kq, &kq_near}) {
+                *x = ggml_scale(ctx, *x, 1.0f/hparams.f_attn_logit_softcapping);
+                *x = ggml_tanh(ctx, *x);
+                *x = ggml_scale(ctx, *x, hparams.f_attn_logit_softcapping);
+            }
+        }
+        kq = ggml_dpe_near_scores(ctx, kq, kq_near, inp->dpe_win_idx, inp->dpe_win_pos, inp->dpe_pos_q,
+                                  (int) hparams.dpe.window);
+        ggml_format_name(kq, "dpe_kq-%d", il);
+
+        kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, hparams.f_max_alibi_bias);
+        ggml_soft_max_add_sinks(kq, sinks);
+
+        v = ggml_permute(ctx, v, 0, 2, 1, 3);
+        if (!v_trans) {
+            v = ggml_cont(ctx, ggml_transpose(ctx, v));
+        }
+        ggml_tensor * kqv = ggml_mul_mat(ctx, v, kq);
+        cur = ggml_permute(ctx, kqv, 0, 2, 1, 3);
+        cur = ggml_cont_2d(ctx, cur, cur->ne[0]*cur->ne[1], cur->ne[2]*cur->ne[3]);
+        if (!g.cparams.offload_kqv) {
+            ggml_backend_sched_set_tensor_backend(g.sched, cur, g.backend_cpu);
+        }
+        ggml_build_forward_expand(g.gf, cur);
         return cur;
     }
-    // cur: [2*d_k*n_head, n_tokens], each head's first d_v values are the attention output
-    const int64_t d_v    = g.hparams.n_embd_head_v(il);
-    const int64_t n_head = g.hparams.n_head(il);
-    const int64_t d_pad  = cur->ne[0] / n_head;
+
+    // flash attention: one call over [window copies | cache cells] with q' = [q ; q_far] (see the top)
+    ggml_tensor * qq = ggml_concat(ctx, q, q_far, 0);
+    ggml_tensor * kk = ggml_concat(ctx, dpe_pad_rows(ctx, k_win, 0, (int) d),
+                                   dpe_pad_rows(ctx, ggml_cast(ctx, k, GGML_TYPE_F32), (int) d, 0), 2);
+    ggml_format_name(kk, "dpe_k-%d", il);
+
+    // values of the same cells, in the non-transposed layout [d_v, n_head_kv, cells, n_stream], zero-padded
+    // to the head dim of q'/k' (flash-attention kernels want equal K and V head dims)
+    ggml_tensor * v32 = ggml_cast(ctx, v_trans ? ggml_permute(ctx, v, 2, 1, 0, 3) : v, GGML_TYPE_F32);
+    const int64_t d_v = v32->ne[0];
+    ggml_tensor * v_win = ggml_get_rows(ctx, ggml_reshape_3d(ctx, v32, d_v*n_h_kv, n_kv, n_stream), inp->dpe_win_idx);
+    v_win = ggml_reshape_4d(ctx, v_win, d_v, n_h_kv, n_win, n_stream);
+    ggml_tensor * vv = dpe_pad_rows(ctx, ggml_concat(ctx, v_win, v32, 2), 0, (int) (2*d - d_v));
+    ggml_format_name(vv, "dpe_v-%d", il);
+
+    cur = g.build_attn_mha(qq, kk, vv, nullptr, inp->dpe_kq_mask, sinks, nullptr, 0, kq_scale, il);
+
+    // cur: [2*d*n_head, n_tokens], each head's first d_v values are the attention output
+    const int64_t n_head = hparams.n_head(il);
+    const int64_t d_pad  = cur->ne[0]/n_head;
     GGML_ASSERT(d_pad*n_head == cur->ne[0] && d_pad >= d_v);
-    ggml_tensor * out = ggml_view_3d(g.ctx0, cur, d_v, n_head, cur->ne[1], d_pad*ggml_element_size(cur), cur->nb[1], 0);
-    out = ggml_cont_2d(g.ctx0, out, d_v*n_head, cur->ne[1]);
-    ggml_format_name(out, "dpe_kqv_out-%d", il);
-    return out;
+    const int64_t n_tokens = cur->ne[1];
+    cur = ggml_view_3d(ctx, cur, d_v, n_head, n_tokens, d_pad*ggml_element_size(cur), cur->nb[1], 0);
+    cur = ggml_cont_2d(ctx, cur, d_v*n_head, n_tokens);
+    ggml_format_name(cur, "dpe_kqv_out-%d", il);
+    return cur;
 }

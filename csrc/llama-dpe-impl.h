@@ -23,19 +23,21 @@ void llama_dpe_load_hparams(llama_model_loader & ml, llama_model_base & model);
 // validate it (integers >= 1) and leave DPE off when every divisor is 1 (DPE is then plain RoPE).
 void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model);
 
-// build_attn_inp_kv_impl: the DPE inputs (query/cell positions, near+far mask) when DPE is on.
+// build_attn_inp_kv_impl: the DPE inputs (query positions, the window cells, the flash-attention mask).
 void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
                             const llama_cparams & cparams, const llama_dpe_hparams & dpe, llm_graph_input_attn_kv * inp);
 
 // llm_graph_input_attn_kv::set_input, after the stock mask is filled.
 void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatch * ubatch);
 
-// llm_graph_context::build_attn (KV cache), before build_attn_mha: turn (q, k, v, mask) into DPE's
-// merged attention inputs, so that one softmax runs over near (ordinary RoPE) and far (DPE) scores.
-void llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
-                          ggml_tensor *& q, ggml_tensor *& k, ggml_tensor *& v, ggml_tensor *& kq_mask);
+// llm_graph_context::build_attn (KV cache), first: when DPE is on, rotate k_cur to far keys (what the cache
+// stores) and return the far queries; nullptr (k_cur unchanged) when DPE is off for this graph.
+ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
+                                 ggml_tensor * q_cur, ggml_tensor *& k_cur);
 
-// llm_graph_context::build_attn (KV cache), right after build_attn_mha: drop the zero padding that
-// llama_dpe_build_attn gave V, so the output has the model's own head size again.
-ggml_tensor * llama_dpe_attn_output(const llm_graph_context & g, const llm_graph_input_attn_kv * inp,
-                                    ggml_tensor * cur, int il);
+// llm_graph_context::build_attn (KV cache), in place of build_attn_mha when llama_dpe_build_qk returned far
+// queries: one softmax over near scores (q against the window's keys) and far scores (q_far against the
+// cache); k is the cache's far keys. Returns the attention output [n_embd_head_v*n_head, n_tokens].
+ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
+                                   ggml_tensor * q, ggml_tensor * q_far, ggml_tensor * k, ggml_tensor * v,
+                                   ggml_tensor * kq_b, ggml_tensor * kq_mask, ggml_tensor * sinks, float kq_scale);

@@ -31,12 +31,15 @@ F32 = llama_cpp.GGML_TYPE_F32
 NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same checks on CUDA
 
 
-def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, n_ubatch=16, n_ctx=256,
+def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, type_k=None, n_ubatch=16, n_ctx=256,
                   kv_overrides=None) -> np.ndarray:
-    """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token."""
+    """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token.
+    type_kv sets the K and V cache types, type_k the K cache's alone."""
     kw = {}
     if type_kv is not None:
         kw.update(type_k=type_kv, type_v=type_kv)
+    if type_k is not None:
+        kw.update(type_k=type_k)
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
                           flash_attn=flash_attn, n_threads=2, n_gpu_layers=NGL, verbose=False,
                           kv_overrides=kv_overrides, **kw)
@@ -100,6 +103,28 @@ def test_flash_attention_and_kv_types(tiny32, type_kv):
     err_dpe = compare_logits(ref_dpe, eng_dpe)
     err_stock = compare_logits(ref_plain, engine_logits(plain, tokens, n_prompt=N_PROMPT, flash_attn=True,
                                                         type_kv=kv))
+    span = ref_dpe.max() - ref_dpe.min()
+    assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (err_dpe, err_stock)
+    assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (err_dpe, err_stock)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """Head dim 64: with a quantized K cache llama.cpp rotates q and k by a Hadamard matrix (attn_rot_k)
+    before the cache, so DPE's rotations must act before it and the window's keys come out of it."""
+    return make_tiny(tmp_path_factory.mktemp("llama64"), "llama", hidden_size=256, head_dim=64)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+def test_quantized_k_cache_with_hadamard_rotation(tiny64, flash_attn):
+    """q8_0 K cache (Hadamard-rotated), F16 V: DPE's distance to its reference stays at stock's own."""
+    plain, dpe, tokens, table = tiny64
+    q8 = llama_cpp.GGML_TYPE_Q8_0
+    ref_dpe = reference_logits(dpe, tokens, dtype=torch.float64)
+    ref_plain = reference_logits(plain, tokens, np.ones_like(table), WINDOW, dtype=torch.float64)
+    err_dpe = compare_logits(ref_dpe, engine_logits(dpe, tokens, n_prompt=N_PROMPT, flash_attn=flash_attn, type_k=q8))
+    err_stock = compare_logits(ref_plain, engine_logits(plain, tokens, n_prompt=N_PROMPT, flash_attn=flash_attn,
+                                                        type_k=q8))
     span = ref_dpe.max() - ref_dpe.min()
     assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (err_dpe, err_stock)
     assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (err_dpe, err_stock)

@@ -254,3 +254,65 @@ def test_tolerance_catches_wrong_formulas():
 
     exact_base = 10000.0 ** (-2.0 * np.arange(64) / 128) / cfg["freq_factors"]
     assert pair_err(out, rope_dpe_np(x_rot, pos, table, NORMAL, 128, exact_base, 1024, True), NORMAL, 128)[0] > 10 * PAIR_TOL
+
+
+# ---------------------------------------------------------------- kind KEY_INVERSE
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+def test_inverse_rotates_far_keys_back(case, yarn, backend):
+    """The window's keys are rebuilt from the cache's far keys: KEY_INVERSE of the far key at pos is the key
+    ordinary RoPE rotated at pos (float64 reference), to the op's own precision."""
+    mode, n_head, n_head_kv, head_dim, n_dims = case
+    x, pos, table, cfg = make_case(hash((case, yarn, "inv")) & 0xFFFF, mode, n_head, n_head_kv, head_dim, n_dims,
+                                   False, True, yarn)
+    rate = rate_of(cfg)
+    x_rot = rope_np(x, pos, mode, n_dims, rate)                      # the key ordinary RoPE gives
+    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], False)
+    k_far = rope_np(x, P, mode, n_dims, rate).astype(np.float32)     # what the cache holds
+    back = run(k_far, pos, table, cfg, backend, inverse=True)
+    err, rest = pair_err(back, x_rot.astype(np.float32), mode, n_dims)   # dims past n_dims: copied
+    assert err <= PAIR_TOL and rest == 0.0, (err, rest)
+    # not a no-op: the far keys differ from the ordinary ones by far more than the tolerance
+    assert pair_err(k_far, x_rot, mode, n_dims)[0] > 1e3 * PAIR_TOL
+    with pytest.raises(ValueError):
+        run(k_far, pos, table, dict(cfg, is_query=True), backend, inverse=True)
+
+
+# ---------------------------------------------------------------- GGML_OP_DPE_NEAR_SCORES
+
+def near_scores_np(kq, kq_near, idx, pos_win, pos_q, window):
+    """float64 reference: kq[s, h, i, idx[s, j]] = kq_near[s, h, i, j] where 0 <= pos_q - pos_win < window."""
+    out = np.array(kq, dtype=np.float64)
+    S, H, T, _ = kq.shape
+    for s in range(S):
+        for i in range(T):
+            r = int(pos_q[s * T + i]) - pos_win[s].astype(np.int64)
+            for j in np.nonzero((r >= 0) & (r < window))[0]:
+                out[s, :, i, idx[s, j]] = kq_near[s, :, i, j]
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 9, 7, 300, 40), (2, 4, 5, 96, 33), (3, 2, 1, 64, 64)],
+                         ids=["one-stream", "two-streams", "decode-3-streams"])
+def test_near_scores_match_reference(shape, backend):
+    """Window slots at scattered cells (holes, another sequence's cells), padding slots (pos INT32_MAX), queries
+    whose windows start inside and before the window set: exactly the reference, nothing else touched."""
+    S, H, T, n_kv, n_win = shape
+    rng = np.random.default_rng(sum(shape))
+    window = 16
+    kq = rng.standard_normal((S, H, T, n_kv)).astype(np.float32)
+    kq_near = rng.standard_normal((S, H, T, n_win)).astype(np.float32)
+    idx = np.stack([rng.permutation(n_kv)[:n_win] for _ in range(S)]).astype(np.int32)
+    pos_win = rng.integers(0, 200, size=(S, n_win)).astype(np.int32)
+    pos_win[:, -3:] = np.iinfo(np.int32).max                           # padding slots
+    pos_q = rng.integers(0, 220, size=S * T).astype(np.int32)
+    pos_q[0] = pos_win[0, 0] + window - 1                              # the window's far edge: near
+    out = _native.dpe_near_scores(kq, kq_near, idx, pos_win, pos_q, window=window, backend=backend)
+    ref = near_scores_np(kq, kq_near, idx, pos_win, pos_q, window)
+    np.testing.assert_array_equal(out, ref.astype(np.float32))
+    changed = (out != kq).mean()
+    assert 0 < changed < 0.5, changed                                  # the test exercises both branches
+    assert out[0, 0, 0, idx[0, 0]] == kq_near[0, 0, 0, 0]
