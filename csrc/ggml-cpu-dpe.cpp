@@ -5,7 +5,10 @@
 #include "ggml-cpu-impl.h"
 #include "ops.h"
 
+#include <math.h>
 #include <string.h>
+
+#include <vector>
 
 void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     const ggml_tensor * src0 = dst->src[0]; // a
@@ -75,6 +78,65 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
     const int64_t ir0 = dr*ith;
     const int64_t ir1 = MIN(ir0 + dr, nr);
 
+    // Many rows (the window's keys, a long prompt): the rotation of delta d is the product of two table
+    // entries per (f, s), e^{i (d_lo + a*B) theta_f} and e^{i b theta_f} with d = d_lo + a*B + b, each formed
+    // exactly like a direct angle (double, reduced, float sin/cos): about 2 sqrt(span) sin/cos per (f, s)
+    // instead of one per row, for one complex product more (two float roundings, ~1.2e-7).
+    struct angle_table { int32_t s; int64_t d_lo, B, n_hi; size_t off; };
+    static thread_local std::vector<float>       tab_data;
+    static thread_local std::vector<angle_table> tabs;   // [f*n_head_kv + k], k < n_tabs[f]
+    int32_t n_tabs[GGML_DPE_MAX_F] = { 0 };
+    tab_data.clear();
+    tabs.resize((size_t) n_f*n_head_kv);
+    {
+        int64_t n_tok = 0;
+        int32_t p_min = INT32_MAX;
+        int32_t p_max = INT32_MIN;
+        for (int64_t ir = ir0; ir < ir1; ir = (ir/ne1 + 1)*ne1) {
+            const int32_t p = pos[(ir/ne1) % ne2];
+            p_min = MIN(p_min, p);
+            p_max = MAX(p_max, p);
+            n_tok++;
+        }
+        for (int f = 0; n_tok >= 64 && f < n_f; f++) {
+            for (int64_t hk = 0; hk < n_head_kv; hk++) {
+                const int32_t sv = (int32_t) ((const float *) ((const char *) src2->data + hk*src2->nb[1]))[f];
+                bool seen = sv <= 1; // divisor 1: delta 0, nothing to rotate
+                for (int k = 0; k < n_tabs[f]; k++) {
+                    seen = seen || tabs[f*n_head_kv + k].s == sv;
+                }
+                if (seen) {
+                    continue;
+                }
+                // delta is monotone in the position for every kind: its range is that of the ends
+                const int64_t da   = ggml_dpe_delta_kind(p_min, sv, window, kind);
+                const int64_t db   = ggml_dpe_delta_kind(p_max, sv, window, kind);
+                const int64_t d_lo = MIN(da, db);
+                const int64_t span = MAX(da, db) - d_lo + 1;
+                const int64_t B    = (int64_t) ceil(sqrt((double) span));
+                const int64_t n_hi = (span + B - 1)/B;
+                if (n_hi + B > n_tok/2) {
+                    continue; // too spread out: direct sin/cos per row is cheaper
+                }
+                const angle_table t = { sv, d_lo, B, n_hi, tab_data.size() };
+                tab_data.resize(tab_data.size() + 2*(n_hi + B));
+                float * hi = tab_data.data() + t.off;
+                float * lo = hi + 2*n_hi;
+                for (int64_t a = 0; a < n_hi; a++) {
+                    const float theta = ggml_dpe_angle(d_lo + a*B, rate[f]);
+                    hi[2*a + 0] = cosf(theta);
+                    hi[2*a + 1] = sinf(theta);
+                }
+                for (int64_t b = 0; b < B; b++) {
+                    const float theta = ggml_dpe_angle(b, rate[f]);
+                    lo[2*b + 0] = cosf(theta);
+                    lo[2*b + 1] = sinf(theta);
+                }
+                tabs[f*n_head_kv + n_tabs[f]++] = t;
+            }
+        }
+    }
+
     for (int64_t ir = ir0; ir < ir1; ir++) {
         const int64_t i3 = ir/(ne1*ne2);
         const int64_t i2 = (ir - i3*ne1*ne2)/ne1;
@@ -95,7 +157,21 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                 cache_s[f] = s;
                 const int64_t delta = ggml_dpe_delta_kind(pos[i2], s, window, kind);
                 rot[f] = delta != 0;
-                if (rot[f]) {
+                if (!rot[f]) {
+                    continue;
+                }
+                const angle_table * t = nullptr;
+                for (int k = 0; k < n_tabs[f]; k++) {
+                    t = tabs[f*n_head_kv + k].s == s ? &tabs[f*n_head_kv + k] : t;
+                }
+                if (t != nullptr) {
+                    const int64_t d  = delta - t->d_lo;
+                    const int64_t a  = d/t->B;
+                    const float * hi = tab_data.data() + t->off + 2*a;
+                    const float * lo = tab_data.data() + t->off + 2*(t->n_hi + d - a*t->B);
+                    cache[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
+                    cache[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
+                } else {
                     const float theta = ggml_dpe_angle(delta, rate[f]);
                     cache[2*f + 0] = cosf(theta);
                     cache[2*f + 1] = sinf(theta);

@@ -393,7 +393,11 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         };
         ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
         ggml_prec_set_acc(kq, GGML_PREC_F32);
-        ggml_tensor * kq_near = ggml_mul_mat(ctx, ggml_permute(ctx, k_win, 0, 2, 1, 3), by_stream(q));
+        // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] matrix (the fast matmul paths want
+        // contiguous rows), in the cache's type where that is F16, as stock's keys are
+        ggml_tensor * k_win_t = ggml_permute(ctx, k_win, 0, 2, 1, 3);
+        k_win_t = ggml_cast(ctx, k_win_t, k->type == GGML_TYPE_F16 ? GGML_TYPE_F16 : GGML_TYPE_F32);
+        ggml_tensor * kq_near = ggml_mul_mat(ctx, k_win_t, by_stream(q));
         ggml_prec_set_acc(kq_near, GGML_PREC_F32);
         if (hparams.attn_soft_cap) {
             for (ggml_tensor ** x : {&kq, &kq_near}) {

@@ -316,3 +316,30 @@ def test_near_scores_match_reference(shape, backend):
     changed = (out != kq).mean()
     assert 0 < changed < 0.5, changed                                  # the test exercises both branches
     assert out[0, 0, 0, idx[0, 0]] == kq_near[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["key", "query", "inverse"])
+@pytest.mark.parametrize("positions", ["window", "prompt", "spread"])
+def test_many_rows(positions, kind, backend):
+    """Many rows: a window of consecutive cells, a long prompt, or positions spread over 100k (the CPU kernel
+    builds the angles of dense rows from per-(f, s) tables, and of spread rows directly): the reference, to
+    the same tolerance."""
+    rng = np.random.default_rng(len(positions) + len(kind))
+    n = {"window": 1040, "prompt": 3000, "spread": 300}[positions]
+    pos = {"window": np.arange(70_000, 70_000 + n), "prompt": np.arange(n),
+           "spread": np.sort(rng.integers(0, 100_000, n))}[positions].astype(np.int32)
+    mode, n_head, n_head_kv, n_dims = NEOX, 6, 3, 64
+    cfg = dict(mode=mode, n_dims=n_dims, window=1024, is_query=kind == "query", freq_base=100000.0, freq_scale=1.0,
+               ext_factor=0.0, n_ctx_orig=0, freq_factors=None)
+    table = random_table(rng, n_head_kv, n_dims // 2)
+    rate = rate_of(cfg)
+    x = rng.standard_normal((n, n_head, n_dims))
+    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], kind == "query")
+    if kind == "inverse":
+        inp, ref = rope_np(x, P, mode, n_dims, rate), rope_np(x, pos, mode, n_dims, rate)
+    else:
+        inp, ref = rope_np(x, pos, mode, n_dims, rate), rope_np(x, P, mode, n_dims, rate)
+    out = run(inp.astype(np.float32), pos, table, cfg, backend, inverse=kind == "inverse")
+    err, _ = pair_err(out, ref, mode, n_dims)
+    assert err <= PAIR_TOL, err
