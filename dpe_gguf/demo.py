@@ -60,7 +60,7 @@ def run_demo(length: int | None = None, depth: float = 0.5, seed: int = 0, ngl: 
                 sample = evaltasks.make_sample("passkey", length, depth, seed, count)
                 say(f"prompt: {length} tokens of filler (the model was trained on 8192), pass key "
                     f"{sample.answers[0]} at depth {depth:.2f}; "
-                    f"{'GPU' if ngl else 'CPU: about 4 minutes for both runs on 2 cores'}")
+                    f"{'GPU' if ngl else 'CPU: about 3 minutes for both runs on 2 cores'}")
             t0 = time.time()
             out = srv.complete(sample.prompt, sample.max_tokens)
             results[name] = (out["text"], evaltasks.score(sample, out["text"]) == 1.0, time.time() - t0,
