@@ -10,6 +10,12 @@
 
 #include <vector>
 
+#define GGML_DPE_ANGLE_B 64 // see the angle tables in ggml_compute_forward_rope_dpe
+
+static inline int64_t dpe_floor_div64(int64_t a, int64_t b) { // b >= 1
+    return a >= 0 ? a/b : -((-a + b - 1)/b);
+}
+
 void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     const ggml_tensor * src0 = dst->src[0]; // a
     const ggml_tensor * src1 = dst->src[1]; // pos
@@ -78,11 +84,12 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
     const int64_t ir0 = dr*ith;
     const int64_t ir1 = MIN(ir0 + dr, nr);
 
-    // Many rows (the window's keys, a long prompt): the rotation of delta d is the product of two table
-    // entries per (f, s), e^{i (d_lo + a*B) theta_f} and e^{i b theta_f} with d = d_lo + a*B + b, each formed
-    // exactly like a direct angle (double, reduced, float sin/cos): about 2 sqrt(span) sin/cos per (f, s)
-    // instead of one per row, for one complex product more (two float roundings, ~1.2e-7).
-    struct angle_table { int32_t s; int64_t d_lo, B, n_hi; size_t off; };
+    // The rotation of delta d is E(B*a) * E(b) with d = B*a + b, 0 <= b < B, B = GGML_DPE_ANGLE_B, and
+    // E(x) = (cos, sin) of x*theta_f formed like a direct angle (double, reduced, float sin/cos): one complex
+    // product more (~1.2e-7). B is fixed, so a row's rotation does not depend on how rows are split into
+    // ubatches or threads (same logits for any n_ubatch and thread count, as stock). Dense rows (the window's
+    // keys, a long prompt) take E from per-(f, s) tables: span/B + B sin/cos per (f, s) instead of 2 per row.
+    struct angle_table { int32_t s; int64_t a_lo, n_hi; size_t off; }; // E(B*(a_lo + k)) then E(b)
     static thread_local std::vector<float>       tab_data;
     static thread_local std::vector<angle_table> tabs;   // [f*n_head_kv + k], k < n_tabs[f]
     int32_t n_tabs[GGML_DPE_MAX_F] = { 0 };
@@ -111,23 +118,21 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                 // delta is monotone in the position for every kind: its range is that of the ends
                 const int64_t da   = ggml_dpe_delta_kind(p_min, sv, window, kind);
                 const int64_t db   = ggml_dpe_delta_kind(p_max, sv, window, kind);
-                const int64_t d_lo = MIN(da, db);
-                const int64_t span = MAX(da, db) - d_lo + 1;
-                const int64_t B    = (int64_t) ceil(sqrt((double) span));
-                const int64_t n_hi = (span + B - 1)/B;
-                if (n_hi + B > n_tok/2) {
-                    continue; // too spread out: direct sin/cos per row is cheaper
+                const int64_t a_lo = dpe_floor_div64(MIN(da, db), GGML_DPE_ANGLE_B);
+                const int64_t n_hi = dpe_floor_div64(MAX(da, db), GGML_DPE_ANGLE_B) - a_lo + 1;
+                if (n_hi + GGML_DPE_ANGLE_B > n_tok) {
+                    continue; // too spread out: E per row is cheaper
                 }
-                const angle_table t = { sv, d_lo, B, n_hi, tab_data.size() };
-                tab_data.resize(tab_data.size() + 2*(n_hi + B));
+                const angle_table t = { sv, a_lo, n_hi, tab_data.size() };
+                tab_data.resize(tab_data.size() + 2*(n_hi + GGML_DPE_ANGLE_B));
                 float * hi = tab_data.data() + t.off;
                 float * lo = hi + 2*n_hi;
                 for (int64_t a = 0; a < n_hi; a++) {
-                    const float theta = ggml_dpe_angle(d_lo + a*B, rate[f]);
+                    const float theta = ggml_dpe_angle((a_lo + a)*GGML_DPE_ANGLE_B, rate[f]);
                     hi[2*a + 0] = cosf(theta);
                     hi[2*a + 1] = sinf(theta);
                 }
-                for (int64_t b = 0; b < B; b++) {
+                for (int64_t b = 0; b < GGML_DPE_ANGLE_B; b++) {
                     const float theta = ggml_dpe_angle(b, rate[f]);
                     lo[2*b + 0] = cosf(theta);
                     lo[2*b + 1] = sinf(theta);
@@ -164,18 +169,21 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                 for (int k = 0; k < n_tabs[f]; k++) {
                     t = tabs[f*n_head_kv + k].s == s ? &tabs[f*n_head_kv + k] : t;
                 }
+                const int64_t a = dpe_floor_div64(delta, GGML_DPE_ANGLE_B);
+                const int64_t b = delta - a*GGML_DPE_ANGLE_B;
+                float hi[2];
+                float lo[2];
                 if (t != nullptr) {
-                    const int64_t d  = delta - t->d_lo;
-                    const int64_t a  = d/t->B;
-                    const float * hi = tab_data.data() + t->off + 2*a;
-                    const float * lo = tab_data.data() + t->off + 2*(t->n_hi + d - a*t->B);
-                    cache[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
-                    cache[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
+                    memcpy(hi, tab_data.data() + t->off + 2*(a - t->a_lo), sizeof(hi));
+                    memcpy(lo, tab_data.data() + t->off + 2*(t->n_hi + b), sizeof(lo));
                 } else {
-                    const float theta = ggml_dpe_angle(delta, rate[f]);
-                    cache[2*f + 0] = cosf(theta);
-                    cache[2*f + 1] = sinf(theta);
+                    const float theta_hi = ggml_dpe_angle(a*GGML_DPE_ANGLE_B, rate[f]);
+                    const float theta_lo = ggml_dpe_angle(b, rate[f]);
+                    hi[0] = cosf(theta_hi); hi[1] = sinf(theta_hi);
+                    lo[0] = cosf(theta_lo); lo[1] = sinf(theta_lo);
                 }
+                cache[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
+                cache[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
             }
             cache_i2 = i2;
             cache_hk = hk;

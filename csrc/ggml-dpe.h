@@ -49,9 +49,9 @@ extern "C" {
     // freq_factors and YaRN ramp (n_ctx_orig, ext_factor, beta_fast, beta_slow), without attn_factor or
     // YaRN's magnitude scaling (the first rope applied those). Dims beyond n_dims are copied. A pair whose
     // delta is 0 (every sigma = 1, in particular) is copied bit for bit.
-    // Angles are computed in double and reduced to [-pi, pi] before a float sin/cos (the CPU kernel forms the
-    // angles of many dense rows as products of two such values per (f, s): one more float rounding), so the CPU and CUDA
-    // kernels agree to float rounding at any position (see csrc/ggml-dpe-impl.h).
+    // Angles are computed in double and reduced to [-pi, pi] before a float sin/cos (the CPU kernel rotates by the
+    // product of two such values, for delta = 64a + b: one more float rounding, and the same for any split of
+    // the rows), so the CPU and CUDA kernels agree to float rounding at any position (see csrc/ggml-dpe-impl.h).
     // Result: F32, contiguous, shape of a. The CPU kernel asserts the table holds values >= 1;
     // the CUDA kernel treats values < 1 as 1 (the loader validates the table).
     GGML_API struct ggml_tensor * ggml_rope_dpe(

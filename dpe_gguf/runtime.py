@@ -167,9 +167,10 @@ def perplexity(model: Path, text_file: Path, n_ctx: int, chunks: int, extra_args
                          "ubatch": min(settings.ubatch, n_ctx)})
     cmd = [str(tool_path("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(n_ctx),
            "--chunks", str(chunks), *one.args(), *extra_args]
-    # llama.cpp's asynchronous logger is never flushed at exit (common_log_main() leaks its
-    # instance), so the last lines, "Final estimate" included, are sometimes lost. The computation is
-    # deterministic: run again when only the log went missing.
+    # llama.cpp's asynchronous logger is not flushed at exit upstream (common_log_main() leaks its
+    # instance), so the last lines, "Final estimate" included, were sometimes lost; patches/0007 flushes
+    # it. Kept for builds without that patch: the computation is deterministic, so run again when only
+    # the log went missing.
     for _ in range(4):
         res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         log = res.stdout + res.stderr

