@@ -39,6 +39,23 @@ static ggml_backend_ptr dpe_backend_init(const std::string & name, int n_threads
     return ggml_backend_ptr(backend);
 }
 
+// Compute gf (without the GIL) and copy t_out into out; an error names the op and the backend.
+static void compute_into(ggml_backend_t backend, ggml_cgraph * gf, ggml_tensor * t_out, py::array_t<float> & out,
+                         const char * what, const std::string & backend_name) {
+    float * out_data = out.mutable_data();
+    ggml_status status;
+    {
+        py::gil_scoped_release release;
+        status = ggml_backend_graph_compute(backend, gf);
+        if (status == GGML_STATUS_SUCCESS) {
+            ggml_backend_tensor_get(t_out, out_data, 0, ggml_nbytes(t_out));
+        }
+    }
+    if (status != GGML_STATUS_SUCCESS) {
+        throw std::runtime_error(std::string(what) + ": graph compute failed on \"" + backend_name + "\"");
+    }
+}
+
 static py::array_t<float> rope_dpe(
         py::array a_in, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
         py::array_t<float, py::array::c_style | py::array::forcecast> table,
@@ -112,18 +129,7 @@ static py::array_t<float> rope_dpe(
     }
 
     py::array_t<float> out({n_tokens, n_head, n_embd_head});
-    float * out_data = out.mutable_data();
-    ggml_status status;
-    {
-        py::gil_scoped_release release;
-        status = ggml_backend_graph_compute(backend.get(), gf);
-        if (status == GGML_STATUS_SUCCESS) {
-            ggml_backend_tensor_get(t_out, out_data, 0, ggml_nbytes(t_out));
-        }
-    }
-    if (status != GGML_STATUS_SUCCESS) {
-        throw std::runtime_error("rope_dpe: graph compute failed on \"" + backend_name + "\"");
-    }
+    compute_into(backend.get(), gf, t_out, out, "rope_dpe", backend_name);
     return out;
 }
 
@@ -168,18 +174,7 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     ggml_backend_tensor_set(t_pw, pos_win.data(), 0, ggml_nbytes(t_pw));
     ggml_backend_tensor_set(t_pq, pos_q.data(), 0, ggml_nbytes(t_pq));
     py::array_t<float> out({n_stream, n_head, n_tps, n_kv});
-    float * out_data = out.mutable_data();
-    ggml_status status;
-    {
-        py::gil_scoped_release release;
-        status = ggml_backend_graph_compute(backend.get(), gf);
-        if (status == GGML_STATUS_SUCCESS) {
-            ggml_backend_tensor_get(t_out, out_data, 0, ggml_nbytes(t_out));
-        }
-    }
-    if (status != GGML_STATUS_SUCCESS) {
-        throw std::runtime_error("dpe_near_scores: graph compute failed on \"" + backend_name + "\"");
-    }
+    compute_into(backend.get(), gf, t_out, out, "dpe_near_scores", backend_name);
     return out;
 }
 
