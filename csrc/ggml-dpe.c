@@ -100,3 +100,70 @@ struct ggml_tensor * ggml_dpe_near_scores(
 
     return result;
 }
+
+struct ggml_tensor * ggml_dpe_flash_attn(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * q,
+        struct ggml_tensor  * q_far,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        struct ggml_tensor  * mask,
+        struct ggml_tensor  * k_win,
+        struct ggml_tensor  * idx,
+        struct ggml_tensor  * pos_win,
+        struct ggml_tensor  * pos_q,
+        struct ggml_tensor  * sinks,
+        float                 scale,
+        float                 max_bias,
+        float                 logit_softcap,
+        int                   window) {
+    const int64_t d = q->ne[0], n_tps = q->ne[1], n_head = q->ne[2], n_stream = q->ne[3];
+    GGML_ASSERT(q->type == GGML_TYPE_F32 && q_far->type == GGML_TYPE_F32 && k_win->type == GGML_TYPE_F32);
+    GGML_ASSERT(ggml_are_same_shape(q, q_far));
+    GGML_ASSERT(q->nb[0] == sizeof(float) && q_far->nb[0] == sizeof(float) && k_win->nb[0] == sizeof(float));
+    GGML_ASSERT(k->ne[0] == d && k_win->ne[0] == d);
+    GGML_ASSERT(k->nb[0] == ggml_type_size(k->type) && v->nb[0] == ggml_type_size(v->type));
+    GGML_ASSERT(v->ne[1] == k->ne[1] && v->ne[2] == k->ne[2]);
+    GGML_ASSERT(k->ne[3] == n_stream && v->ne[3] == n_stream && k_win->ne[3] == n_stream);
+    GGML_ASSERT(k->ne[2] >= 1 && n_head % k->ne[2] == 0 && k_win->ne[2] == k->ne[2]);
+    if (mask) {
+        GGML_ASSERT(mask->type == GGML_TYPE_F16 && ggml_is_contiguous(mask));
+        GGML_ASSERT(mask->ne[0] == k->ne[1] && mask->ne[1] >= n_tps);
+        GGML_ASSERT(n_head % mask->ne[2] == 0 && n_stream % mask->ne[3] == 0);
+    }
+    if (max_bias > 0.0f) {
+        GGML_ASSERT(mask);
+    }
+    GGML_ASSERT(idx->type == GGML_TYPE_I32 && pos_win->type == GGML_TYPE_I32 && pos_q->type == GGML_TYPE_I32);
+    GGML_ASSERT(ggml_is_contiguous(idx) && ggml_is_contiguous(pos_win) && ggml_is_contiguous(pos_q));
+    GGML_ASSERT(idx->ne[0] == k_win->ne[1] && idx->ne[1] == n_stream && ggml_are_same_shape(idx, pos_win));
+    GGML_ASSERT(ggml_nelements(pos_q) == n_tps*n_stream);
+    if (sinks) {
+        GGML_ASSERT(sinks->type == GGML_TYPE_F32 && ggml_is_contiguous(sinks) && sinks->ne[0] == n_head);
+    }
+    GGML_ASSERT(window >= 0);
+
+    const int64_t ne[4] = { v->ne[0], n_head, n_tps, n_stream };
+    struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, 4, ne);
+
+    int32_t params[GGML_DPE_FATTN_P_COUNT] = { 0 };
+    memcpy(params + GGML_DPE_FATTN_P_SCALE,    &scale,         sizeof(float));
+    memcpy(params + GGML_DPE_FATTN_P_MAX_BIAS, &max_bias,      sizeof(float));
+    memcpy(params + GGML_DPE_FATTN_P_SOFTCAP,  &logit_softcap, sizeof(float));
+    params[GGML_DPE_FATTN_P_WINDOW] = window;
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_DPE_FLASH_ATTN;
+    result->src[0] = q;
+    result->src[1] = q_far;
+    result->src[2] = k;
+    result->src[3] = v;
+    result->src[4] = mask;
+    result->src[5] = k_win;
+    result->src[6] = idx;
+    result->src[7] = pos_win;
+    result->src[8] = pos_q;
+    result->src[9] = sinks;
+
+    return result;
+}

@@ -93,6 +93,51 @@ extern "C" {
             struct ggml_tensor  * pos_q,
             int                   window);
 
+    // op_params slots of GGML_OP_DPE_FLASH_ATTN (float values; WINDOW is int32)
+    enum ggml_dpe_fattn_param {
+        GGML_DPE_FATTN_P_SCALE    = 0, // float: KQ scale
+        GGML_DPE_FATTN_P_MAX_BIAS = 1, // float: ALiBi max bias (0: none)
+        GGML_DPE_FATTN_P_SOFTCAP  = 2, // float: logit softcap (0: none)
+        GGML_DPE_FATTN_P_WINDOW   = 3, // int32: local window w
+        GGML_DPE_FATTN_P_COUNT    = 4,
+    };
+
+    // DPE's attention with one online softmax (spec section 3), as ggml_flash_attn_ext computes stock's:
+    // every (query, cell) pair is scored once, near where the cell is a window slot within w of the query,
+    // far everywhere else, and no K or V is copied.
+    //
+    //   q        F32 [d, n_tps, n_head, n_stream]: the ordinary queries (permuted as ggml_flash_attn_ext's q)
+    //   q_far    F32, shape of q: the far queries
+    //   k        [d, n_kv, n_head_kv, n_stream]: the cache's far keys (F16, F32 or a quantized type)
+    //   v        [d_v, n_kv, n_head_kv, n_stream]: the values (any type with to_float)
+    //   mask     F16 [n_kv, >= n_tps, 1 or n_head, n_stream] or NULL: stock's mask (causal, sequences, empty cells)
+    //   k_win    F32 [d, n_win, n_head_kv, n_stream]: the ordinary keys of the window slots (rows contiguous)
+    //   idx      I32 [n_win, n_stream]: the cell of each slot; the real slots come first with ascending
+    //            cells, padding slots (pos_win = INT32_MAX) after them
+    //   pos_win  I32 [n_win, n_stream]: the position of each slot's cell
+    //   pos_q    I32 [n_tps*n_stream]: the position of each query, stream after stream
+    //   sinks    F32 [n_head] or NULL: attention sinks, as ggml_flash_attn_ext_add_sinks
+    //
+    // score(i, j) = scale * (near ? q_i . k_win[slot(j)] : q_far_i . k_j), near: j = idx[slot] and
+    // 0 <= pos_q[i] - pos_win[slot] < window; then softcap, slope * mask, one softmax over j (and the sink),
+    // and the product with V. Result: F32 [d_v, n_head, n_tps, n_stream] (ggml_flash_attn_ext's layout).
+    GGML_API struct ggml_tensor * ggml_dpe_flash_attn(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * q,
+            struct ggml_tensor  * q_far,
+            struct ggml_tensor  * k,
+            struct ggml_tensor  * v,
+            struct ggml_tensor  * mask,
+            struct ggml_tensor  * k_win,
+            struct ggml_tensor  * idx,
+            struct ggml_tensor  * pos_win,
+            struct ggml_tensor  * pos_q,
+            struct ggml_tensor  * sinks,
+            float                 scale,
+            float                 max_bias,
+            float                 logit_softcap,
+            int                   window);
+
 #ifdef  __cplusplus
 }
 #endif

@@ -332,6 +332,20 @@ static ggml_tensor * dpe_pad_rows(ggml_context * ctx, ggml_tensor * x, int befor
     return ggml_reshape_4d(ctx, y, y->ne[0], x->ne[1], x->ne[2], x->ne[3]);
 }
 
+// Whether every GPU backend of the context's scheduler runs op (the CPU backend runs every DPE op): an op
+// that a GPU backend lacks would be scheduled on the CPU, with the cache copied to the host every layer.
+static bool dpe_accelerators_support(const llm_graph_context & g, const ggml_tensor * op) {
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(g.sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(g.sched, i);
+        const auto type = ggml_backend_dev_type(ggml_backend_get_device(b));
+        if ((type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) &&
+            !ggml_backend_supports_op(b, op)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 // GGML_OP_ROPE_DPE of layer il with the model's own rope parameters
 static ggml_tensor * dpe_rope(const llm_graph_context & g, int il, ggml_tensor * x, ggml_tensor * pos, int kind) {
     const auto & dpe = g.hparams.dpe;
@@ -393,10 +407,12 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         };
         ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
         ggml_prec_set_acc(kq, GGML_PREC_F32);
-        // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] matrix (the fast matmul paths want
-        // contiguous rows), in the cache's type where that is F16, as stock's keys are
+        // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] F32 matrix (the fast matmul paths want
+        // contiguous rows). Not F16: on AVX-512 CPUs without AMX (seen on an AMD EPYC) the F16 GEMM that a
+        // contiguous F16 operand selects rounds differently for different ubatch sizes, and the logits then
+        // depend on n_ubatch, which stock's do not
         ggml_tensor * k_win_t = ggml_permute(ctx, k_win, 0, 2, 1, 3);
-        k_win_t = ggml_cast(ctx, k_win_t, k->type == GGML_TYPE_F16 ? GGML_TYPE_F16 : GGML_TYPE_F32);
+        k_win_t = ggml_cast(ctx, k_win_t, GGML_TYPE_F32);
         ggml_tensor * kq_near = ggml_mul_mat(ctx, k_win_t, by_stream(q));
         ggml_prec_set_acc(kq_near, GGML_PREC_F32);
         if (hparams.attn_soft_cap) {
@@ -427,7 +443,28 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         return cur;
     }
 
-    // flash attention: one call over [window copies | cache cells] with q' = [q ; q_far] (see the top)
+    // flash attention: DPE's own kernel (GGML_OP_DPE_FLASH_ATTN) wherever every accelerator of the context
+    // runs it; otherwise one stock call over [window copies | cache cells] with q' = [q ; q_far] (see the top)
+    {
+        GGML_ASSERT(!v_trans && "flash attention keeps V untransposed");
+        auto by_stream = [&](ggml_tensor * x) {
+            x = ggml_view_4d(ctx, x, x->ne[0], x->ne[1], x->ne[2]/n_stream, n_stream, x->nb[1], x->nb[2],
+                             x->nb[2]*(x->ne[2]/n_stream), 0);
+            return ggml_permute(ctx, x, 0, 2, 1, 3);
+        };
+        ggml_tensor * fa = ggml_dpe_flash_attn(ctx, by_stream(q), by_stream(q_far), ggml_permute(ctx, k, 0, 2, 1, 3),
+                                               ggml_permute(ctx, v, 0, 2, 1, 3), kq_mask,
+                                               ggml_permute(ctx, k_win, 0, 2, 1, 3), inp->dpe_win_idx,
+                                               inp->dpe_win_pos, inp->dpe_pos_q, sinks, kq_scale,
+                                               hparams.f_max_alibi_bias,
+                                               hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
+                                               (int) hparams.dpe.window);
+        if (dpe_accelerators_support(g, fa)) {
+            ggml_format_name(fa, "dpe_fattn-%d", il);
+            cur = ggml_reshape_2d(ctx, fa, fa->ne[0]*fa->ne[1], fa->ne[2]*fa->ne[3]);
+            return cur;
+        }
+    }
     ggml_tensor * qq = ggml_concat(ctx, q, q_far, 0);
     ggml_tensor * kk = ggml_concat(ctx, dpe_pad_rows(ctx, k_win, 0, (int) d),
                                    dpe_pad_rows(ctx, ggml_cast(ctx, k, GGML_TYPE_F32), (int) d, 0), 2);

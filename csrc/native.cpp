@@ -178,6 +178,130 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     return out;
 }
 
+// -- dpe_flash_attn: one GGML_OP_DPE_FLASH_ATTN node (for tests and the kernel harness) ---------------
+
+static ggml_type dpe_type_by_name(const std::string & name) {
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * tn = ggml_type_name((ggml_type) t);
+        if (tn && name == tn) {
+            return (ggml_type) t;
+        }
+    }
+    throw py::value_error("unknown ggml type \"" + name + "\" (e.g. f32, f16, q8_0, q4_0)");
+}
+
+// float32 rows [..., n] in ggml's type t (bytes); n must be a multiple of t's block size
+static std::vector<uint8_t> dpe_to_type(const float * x, int64_t rows, int64_t n, ggml_type t) {
+    if (n % ggml_blck_size(t) != 0) {
+        throw py::value_error(std::string("row length is not a multiple of the block size of ") + ggml_type_name(t));
+    }
+    std::vector<uint8_t> out(rows*ggml_row_size(t, n));
+    if (t == GGML_TYPE_F32) {
+        memcpy(out.data(), x, out.size());
+    } else if (t == GGML_TYPE_F16) {
+        ggml_fp32_to_fp16_row(x, (ggml_fp16_t *) out.data(), rows*n);
+    } else {
+        ggml_quantize_chunk(t, x, out.data(), 0, rows, n, nullptr);
+    }
+    return out;
+}
+
+// x rounded to ggml's type: converted (quantized) and back, as a cache of that type holds it
+static py::array_t<float> round_trip(f32_array x, const std::string & type_name) {
+    const ggml_type t = dpe_type_by_name(type_name);
+    if (x.ndim() < 1) {
+        throw py::value_error("x must have at least one axis");
+    }
+    const int64_t n    = x.shape(x.ndim() - 1);
+    const int64_t rows = n ? x.size()/n : 0;
+    std::vector<uint8_t> q = dpe_to_type(x.data(), rows, n, t);
+    py::array_t<float> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    if (t == GGML_TYPE_F32) {
+        memcpy(out.mutable_data(), q.data(), q.size());
+    } else {
+        ggml_get_type_traits(t)->to_float(q.data(), out.mutable_data(), rows*n);
+    }
+    return out;
+}
+
+static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array k, f32_array v, f32_array mask,
+                                         f32_array k_win, i32_array idx, i32_array pos_win, i32_array pos_q,
+                                         py::object sinks_in, int window, float scale, float max_bias, float softcap,
+                                         const std::string & kv_type, const std::string & backend_name, int n_threads) {
+    if (q.ndim() != 4 || q_far.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || mask.ndim() != 3 || k_win.ndim() != 4 ||
+        idx.ndim() != 2 || pos_win.ndim() != 2 || pos_q.ndim() != 1) {
+        throw py::value_error("q, q_far, k, v, k_win: 4-d; mask: 3-d; idx, pos_win: 2-d; pos_q: 1-d");
+    }
+    const int64_t S = q.shape(0), H = q.shape(1), T = q.shape(2), D = q.shape(3);
+    const int64_t Hk = k.shape(1), N = k.shape(2), Dv = v.shape(3), W = k_win.shape(2);
+    for (int i = 0; i < 4; ++i) {
+        if (q_far.shape(i) != q.shape(i)) {
+            throw py::value_error("q_far must have the shape of q [S, H, T, D]");
+        }
+    }
+    if (k.shape(0) != S || k.shape(3) != D || v.shape(0) != S || v.shape(1) != Hk || v.shape(2) != N ||
+        mask.shape(0) != S || mask.shape(1) != T || mask.shape(2) != N || k_win.shape(0) != S || k_win.shape(1) != Hk ||
+        k_win.shape(3) != D || idx.shape(0) != S || idx.shape(1) != W || pos_win.shape(0) != S || pos_win.shape(1) != W ||
+        pos_q.shape(0) != S*T || Hk < 1 || H % Hk != 0) {
+        throw py::value_error("shapes: q, q_far [S, H, T, D]; k [S, Hk, N, D]; v [S, Hk, N, Dv]; mask [S, T, N]; "
+                              "k_win [S, Hk, W, D]; idx, pos_win [S, W]; pos_q [S*T]; H a multiple of Hk");
+    }
+    const ggml_type t_kv = dpe_type_by_name(kv_type);
+    const bool has_sinks = !sinks_in.is_none();
+    f32_array sinks;
+    if (has_sinks) {
+        sinks = f32_array::ensure(sinks_in);
+        if (!sinks || sinks.ndim() != 1 || sinks.shape(0) != H) {
+            throw py::value_error("sinks must be float32 [H]");
+        }
+    }
+
+    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
+    ggml_init_params params = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
+    ggml_context_ptr ctx(ggml_init(params));
+    ggml_context * c = ctx.get();
+    ggml_tensor * t_q   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
+    ggml_tensor * t_qf  = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
+    ggml_tensor * t_k   = ggml_new_tensor_4d(c, t_kv, D, N, Hk, S);
+    ggml_tensor * t_v   = ggml_new_tensor_4d(c, t_kv, Dv, N, Hk, S);
+    ggml_tensor * t_m   = ggml_new_tensor_4d(c, GGML_TYPE_F16, N, T, 1, S);
+    ggml_tensor * t_kw  = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, W, Hk, S);
+    ggml_tensor * t_idx = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
+    ggml_tensor * t_pw  = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
+    ggml_tensor * t_pq  = ggml_new_tensor_1d(c, GGML_TYPE_I32, S*T);
+    ggml_tensor * t_sk  = has_sinks ? ggml_new_tensor_1d(c, GGML_TYPE_F32, H) : nullptr;
+    ggml_tensor * t_out = ggml_dpe_flash_attn(c, t_q, t_qf, t_k, t_v, t_m, t_kw, t_idx, t_pw, t_pq, t_sk, scale, max_bias,
+                                              softcap, window);
+    ggml_cgraph * gf = ggml_new_graph(c);
+    ggml_build_forward_expand(gf, t_out);
+    if (!ggml_backend_supports_op(backend.get(), t_out)) {
+        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this DPE_FLASH_ATTN node");
+    }
+    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(c, backend.get()));
+    if (!buf) {
+        throw std::runtime_error("dpe_flash_attn: could not allocate the tensors on \"" + backend_name + "\"");
+    }
+    std::vector<ggml_fp16_t> m16(S*T*N);
+    ggml_fp32_to_fp16_row(mask.data(), m16.data(), (int64_t) m16.size());
+    const std::vector<uint8_t> k_bytes = dpe_to_type(k.data(), S*Hk*N, D, t_kv);
+    const std::vector<uint8_t> v_bytes = dpe_to_type(v.data(), S*Hk*N, Dv, t_kv);
+    ggml_backend_tensor_set(t_q, q.data(), 0, ggml_nbytes(t_q));
+    ggml_backend_tensor_set(t_qf, q_far.data(), 0, ggml_nbytes(t_qf));
+    ggml_backend_tensor_set(t_k, k_bytes.data(), 0, ggml_nbytes(t_k));
+    ggml_backend_tensor_set(t_v, v_bytes.data(), 0, ggml_nbytes(t_v));
+    ggml_backend_tensor_set(t_m, m16.data(), 0, ggml_nbytes(t_m));
+    ggml_backend_tensor_set(t_kw, k_win.data(), 0, ggml_nbytes(t_kw));
+    ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
+    ggml_backend_tensor_set(t_pw, pos_win.data(), 0, ggml_nbytes(t_pw));
+    ggml_backend_tensor_set(t_pq, pos_q.data(), 0, ggml_nbytes(t_pq));
+    if (t_sk) {
+        ggml_backend_tensor_set(t_sk, sinks.data(), 0, ggml_nbytes(t_sk));
+    }
+    py::array_t<float> out({S, T, H, Dv});
+    compute_into(backend.get(), gf, t_out, out, "dpe_flash_attn", backend_name);
+    return out;
+}
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Facts about dpe-gguf's native build (patched llama.cpp).";
     py::dict info;
@@ -206,4 +330,14 @@ PYBIND11_MODULE(_native, m) {
           "Run one GGML_OP_DPE_NEAR_SCORES node (csrc/ggml-dpe.h) on a ggml backend.\n"
           "kq: float32 [n_stream, n_head, n_tps, n_kv], kq_near: float32 [n_stream, n_head, n_tps, n_win],\n"
           "idx, pos_win: int32 [n_stream, n_win], pos_q: int32 [n_stream*n_tps]; returns the merged kq.");
+    m.def("round_trip", &round_trip, py::arg("x"), py::arg("type"),
+          "x (float32, rows along the last axis) converted to ggml type `type` (\"f16\", \"q8_0\", ...) and back.");
+    m.def("dpe_flash_attn", &dpe_flash_attn, py::arg("q"), py::arg("q_far"), py::arg("k"), py::arg("v"), py::arg("mask"),
+          py::arg("k_win"), py::arg("idx"), py::arg("pos_win"), py::arg("pos_q"), py::arg("sinks") = py::none(),
+          py::kw_only(), py::arg("window"), py::arg("scale"), py::arg("max_bias") = 0.0f, py::arg("softcap") = 0.0f,
+          py::arg("kv_type") = "f16", py::arg("backend") = "cpu", py::arg("n_threads") = 2,
+          "Run one GGML_OP_DPE_FLASH_ATTN node (csrc/ggml-dpe.h) on a ggml backend.\n"
+          "q, q_far: float32 [S, H, T, D]; k: [S, Hk, N, D] and v: [S, Hk, N, Dv] (float32, stored as kv_type);\n"
+          "mask: float32 [S, T, N] (0 or -inf, stored as F16); k_win: float32 [S, Hk, W, D]; idx, pos_win: int32 [S, W];\n"
+          "pos_q: int32 [S*T]; sinks: float32 [H] or None. Returns float32 [S, T, H, Dv].");
 }
