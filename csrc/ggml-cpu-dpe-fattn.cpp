@@ -25,6 +25,10 @@
 #include "simd-gemm.h"
 #include "vec.h"
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -85,6 +89,29 @@ struct dpe_fa_acc {
     float M = -INFINITY, S = 0.0f;
 };
 
+// y += v * x for F16 x, in F32 (one call per cell: inline, with the CPU's F16 conversion instruction)
+static inline void dpe_vec_mad_f16_f32(int64_t n, float * y, const ggml_fp16_t * x, float v) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 vv = _mm512_set1_ps(v);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (x + i)));
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(xv, vv, _mm512_loadu_ps(y + i)));
+    }
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    const __m256 vv = _mm256_set1_ps(v);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + i)));
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(xv, vv, _mm256_loadu_ps(y + i)));
+    }
+#endif
+    for (; i < n; ++i) {
+        y[i] += v*GGML_CPU_FP16_TO_FP32(x[i]);
+    }
+}
+
+// Values accumulate in F32 (stock's one-row path accumulates F16 values in F16; F32 is more exact at the
+// same speed).
 static inline void dpe_fa_add(const dpe_fa & a, dpe_fa_acc & acc, float s, const char * vr, float * VKQ, float * V32) {
     const float Mold = acc.M;
     float ms = 1.0f;
@@ -96,7 +123,9 @@ static inline void dpe_fa_add(const dpe_fa & a, dpe_fa_acc & acc, float s, const
     } else {
         vs = expf(s - acc.M);
     }
-    if (a.v->type == GGML_TYPE_F32) {
+    if (a.v->type == GGML_TYPE_F16) {
+        dpe_vec_mad_f16_f32(a.DV, VKQ, (const ggml_fp16_t *) vr, vs);
+    } else if (a.v->type == GGML_TYPE_F32) {
         ggml_vec_mad_f32(a.DV, VKQ, (const float *) vr, vs);
     } else {
         a.v_to_float(vr, V32, a.DV);
@@ -106,8 +135,10 @@ static inline void dpe_fa_add(const dpe_fa & a, dpe_fa_acc & acc, float s, const
 }
 
 // Cells [c0, c1) for query row (i1, h, s), one dot product per cell. Qf_q: q_far converted to K's vec_dot type.
+// VKQ (DV floats) is zeroed here and holds the unnormalised output on return; V32 is DV floats of scratch.
 static void dpe_fa_row(const dpe_fa & a, int64_t i1, int64_t h, int64_t s, int64_t c0, int64_t c1, int64_t n_valid,
                        const void * Qf_q, float * VKQ, float * V32, dpe_fa_acc & acc) {
+    memset(VKQ, 0, a.DV*sizeof(float));
     const float   sl  = a.slope(h);
     const float * qn  = a.q_row(a.q, i1, h, s);
     const int32_t pq  = a.pos_q[s*a.n_tps + i1];
@@ -211,6 +242,12 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
     memset(Kn, 0, KT*a.DK*sizeof(float));
     memset(V32, 0, KT*a.DV*sizeof(float));
 
+    int32_t pq_min = INT32_MAX, pq_max = INT32_MIN;
+    for (int64_t r = 0; r < rows; ++r) {
+        pq_min = std::min(pq_min, pq[r]);
+        pq_max = std::max(pq_max, pq[r]);
+    }
+
     const bool f16 = a.k->type == GGML_TYPE_F16;
     int64_t w = 0; // window cursor: first slot whose cell is >= the tile's first cell
 
@@ -224,27 +261,52 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
             }
             slot[t] = (w < n_valid && ids[w] == c0 + t) ? (int32_t) w : -1;
         }
+        // the tile is wholly far or wholly near when every (row, window cell) distance says so: then no
+        // per-pair choice is needed (most tiles; only those on the window's edge straddle)
+        int64_t n_wc = 0;
+        int32_t pw_min = INT32_MAX, pw_max = INT32_MIN;
+        for (int64_t t = 0; t < nc; ++t) {
+            if (slot[t] >= 0) {
+                ++n_wc;
+                pw_min = std::min(pw_min, pw[slot[t]]);
+                pw_max = std::max(pw_max, pw[slot[t]]);
+            }
+        }
+        const bool all_far  = n_wc == 0 || (int64_t) pq_min - pw_max >= a.window || (int64_t) pq_max - pw_min < 0;
+        const bool all_near = n_wc == nc && (int64_t) pq_min - pw_max >= 0 && (int64_t) pq_max - pw_min < a.window;
+
         bool any = false, any_near = false, any_far = false;
         for (int64_t r = 0; r < QT; ++r) {
             const ggml_fp16_t * mp = r < rows ? a.mask_row(i1 + r, h, s) : nullptr;
+            float * mr = mask32 + r*KT;
             for (int64_t t = 0; t < KT; ++t) {
                 float mv = -INFINITY;
                 if (r < rows && t < nc) {
                     mv = mp ? sl*GGML_CPU_FP16_TO_FP32(mp[c0 + t]) : 0.0f;
                 }
-                mask32[r*KT + t] = mv;
-                bool near = false;
-                if (mv != -INFINITY) {
-                    any = true;
-                    near = slot[t] >= 0 && pq[r] - pw[slot[t]] >= 0 && pq[r] - pw[slot[t]] < a.window;
-                    any_near = any_near || near;
-                    any_far  = any_far || !near;
-                }
-                sel[r*KT + t] = near ? 1.0f : 0.0f;
+                mr[t] = mv;
+                any = any || mv != -INFINITY;
             }
         }
         if (!any) {
             continue;
+        }
+        if (all_far) {
+            any_far = true;
+        } else if (all_near) {
+            any_near = true;
+        } else {
+            for (int64_t r = 0; r < QT; ++r) {
+                for (int64_t t = 0; t < KT; ++t) {
+                    bool near = false;
+                    if (mask32[r*KT + t] != -INFINITY) {
+                        near = slot[t] >= 0 && pq[r] - pw[slot[t]] >= 0 && pq[r] - pw[slot[t]] < a.window;
+                        any_near = any_near || near;
+                        any_far  = any_far || !near;
+                    }
+                    sel[r*KT + t] = near ? 1.0f : 0.0f;
+                }
+            }
         }
 
         // scores: far keys with q_far, window keys with q (K tiles transposed: [DK][KT])
@@ -410,6 +472,8 @@ void ggml_compute_forward_dpe_flash_attn(const struct ggml_compute_params * para
             if (c0 < c1) {
                 a.q_to_vec_dot(a.q_row(a.q_far, 0, h, 0), Qf_q, a.DK);
                 dpe_fa_row(a, 0, h, 0, c0, c1, n_valid, Qf_q, VKQ, V32, acc);
+            } else {
+                memset(VKQ, 0, a.DV*sizeof(float));
             }
             part[0] = acc.M;
             part[1] = acc.S;

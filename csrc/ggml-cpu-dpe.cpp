@@ -142,6 +142,30 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         }
     }
 
+    // per (KV head, f): the divisor, its reciprocal (floor(p/s) without a division per row), and its angle table
+    struct head_freq { int32_t s; double inv_s; const angle_table * t; };
+    static thread_local std::vector<head_freq> hf;
+    hf.resize((size_t) n_head_kv*n_f);
+    for (int64_t hk = 0; hk < n_head_kv; hk++) {
+        const float * sigma = (const float *) ((const char *) src2->data + hk*src2->nb[1]);
+        for (int f = 0; f < n_f; f++) {
+            const int32_t sv = (int32_t) sigma[f];
+            GGML_ASSERT(sv >= 1 && "rope_dpe: divisors must be >= 1");
+            const angle_table * t = nullptr;
+            for (int k = 0; k < n_tabs[f]; k++) {
+                t = tabs[f*n_head_kv + k].s == sv ? &tabs[f*n_head_kv + k] : t;
+            }
+            hf[hk*n_f + f] = { sv, 1.0/sv, t };
+        }
+    }
+    // floor(p/s), exactly: the double estimate is off by at most one either way
+    auto floor_div = [](int32_t p, int32_t s, double inv_s) -> int64_t {
+        int64_t q = (int64_t) floor((double) p*inv_s);
+        q -= (q*s > p);
+        q += ((q + 1)*s <= p);
+        return q;
+    };
+
     for (int64_t ir = ir0; ir < ir1; ir++) {
         const int64_t i3 = ir/(ne1*ne2);
         const int64_t i2 = (ir - i3*ne1*ne2)/ne1;
@@ -152,23 +176,28 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
             if (i2 != cache_i2) {
                 memset(cache_s, 0, n_f*sizeof(int32_t));
             }
-            const float * sigma = (const float *) ((const char *) src2->data + hk*src2->nb[1]);
+            const head_freq * hrow = hf.data() + hk*n_f;
+            const int32_t p = pos[i2];
             for (int f = 0; f < n_f; f++) {
-                const int32_t s = (int32_t) sigma[f];
-                GGML_ASSERT(s >= 1 && "rope_dpe: divisors must be >= 1");
+                const int32_t s = hrow[f].s;
                 if (s == cache_s[f]) {
                     continue;
                 }
                 cache_s[f] = s;
-                const int64_t delta = ggml_dpe_delta_kind(pos[i2], s, window, kind);
+                // ggml_dpe_delta_kind without its division (the same integers)
+                int64_t delta = floor_div(p, s, hrow[f].inv_s);
+                if (kind == GGML_ROPE_DPE_QUERY) {
+                    delta += (int64_t) window - floor_div(window, s, hrow[f].inv_s);
+                }
+                delta -= p;
+                if (kind == GGML_ROPE_DPE_KEY_INVERSE) {
+                    delta = -delta;
+                }
                 rot[f] = delta != 0;
                 if (!rot[f]) {
                     continue;
                 }
-                const angle_table * t = nullptr;
-                for (int k = 0; k < n_tabs[f]; k++) {
-                    t = tabs[f*n_head_kv + k].s == s ? &tabs[f*n_head_kv + k] : t;
-                }
+                const angle_table * t = hrow[f].t;
                 const int64_t a = dpe_floor_div64(delta, GGML_DPE_ANGLE_B);
                 const int64_t b = delta - a*GGML_DPE_ANGLE_B;
                 float hi[2];

@@ -10,6 +10,9 @@
 #include "ggml-cpp.h"
 #include "ggml-dpe.h"
 
+#include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -302,6 +305,102 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     return out;
 }
 
+// -- bench_attention: stock flash attention or DPE's, one node of a given shape, timed (bench/attention.py) --
+
+// Seconds per graph compute (the median of `reps`, after one warm-up) of one attention node over a cache of
+// n_kv cells whose last n_tps hold the queries: stock's GGML_OP_FLASH_ATTN_EXT, or GGML_OP_DPE_FLASH_ATTN with
+// window w (its window set: the cells within w of the queries, as the engine builds it). Random inputs.
+static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_head, int64_t n_head_kv, int64_t d,
+                              int window, const std::string & kv_type, int reps, const std::string & backend_name,
+                              int n_threads) {
+    if (n_tps < 1 || n_kv < n_tps || n_head_kv < 1 || n_head % n_head_kv != 0 || reps < 1 || window < 1) {
+        throw py::value_error("need 1 <= n_tps <= n_kv, n_head a multiple of n_head_kv, reps >= 1, window >= 1");
+    }
+    const ggml_type t_kv = dpe_type_by_name(kv_type);
+    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
+    ggml_init_params params = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
+    ggml_context_ptr ctx(ggml_init(params));
+    ggml_context * c = ctx.get();
+    const int64_t lo    = n_kv - n_tps;                         // first query's position (= its cell)
+    const int64_t first = std::max<int64_t>(0, lo - window + 1);  // first window cell
+    const int64_t n_win = n_kv - first;
+    ggml_tensor * t_q   = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_tps, n_head, 1);
+    ggml_tensor * t_qf  = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_tps, n_head, 1);
+    ggml_tensor * t_k   = ggml_new_tensor_4d(c, t_kv, d, n_kv, n_head_kv, 1);
+    ggml_tensor * t_v   = ggml_new_tensor_4d(c, t_kv, d, n_kv, n_head_kv, 1);
+    ggml_tensor * t_m   = ggml_new_tensor_4d(c, GGML_TYPE_F16, n_kv, n_tps, 1, 1);
+    ggml_tensor * t_kw  = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_win, n_head_kv, 1);
+    ggml_tensor * t_idx = ggml_new_tensor_2d(c, GGML_TYPE_I32, n_win, 1);
+    ggml_tensor * t_pw  = ggml_new_tensor_2d(c, GGML_TYPE_I32, n_win, 1);
+    ggml_tensor * t_pq  = ggml_new_tensor_1d(c, GGML_TYPE_I32, n_tps);
+    ggml_tensor * t_out = dpe ? ggml_dpe_flash_attn(c, t_q, t_qf, t_k, t_v, t_m, t_kw, t_idx, t_pw, t_pq, nullptr,
+                                                    0.125f, 0.0f, 0.0f, window)
+                              : ggml_flash_attn_ext(c, t_q, t_k, t_v, t_m, 0.125f, 0.0f, 0.0f);
+    if (!dpe) {
+        ggml_flash_attn_ext_set_prec(t_out, GGML_PREC_F32);
+    }
+    ggml_cgraph * gf = ggml_new_graph(c);
+    ggml_build_forward_expand(gf, t_out);
+    if (!ggml_backend_supports_op(backend.get(), t_out)) {
+        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this attention node");
+    }
+    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(c, backend.get()));
+    if (!buf) {
+        throw std::runtime_error("bench_attention: could not allocate the tensors on \"" + backend_name + "\"");
+    }
+    uint64_t state = 0x9E3779B97F4A7C15ull;
+    auto fill = [&](ggml_tensor * t, int64_t rows, int64_t n, ggml_type type) {
+        std::vector<float> x(rows*n);
+        for (float & e : x) {
+            state = state*6364136223846793005ull + 1442695040888963407ull;
+            e = (float) ((int64_t) (state >> 40) - (1 << 23))/(float) (1 << 23);
+        }
+        const std::vector<uint8_t> bytes = dpe_to_type(x.data(), rows, n, type);
+        ggml_backend_tensor_set(t, bytes.data(), 0, ggml_nbytes(t));
+    };
+    fill(t_q, n_tps*n_head, d, GGML_TYPE_F32);
+    fill(t_qf, n_tps*n_head, d, GGML_TYPE_F32);
+    fill(t_k, n_kv*n_head_kv, d, t_kv);
+    fill(t_v, n_kv*n_head_kv, d, t_kv);
+    fill(t_kw, n_win*n_head_kv, d, GGML_TYPE_F32);
+    std::vector<ggml_fp16_t> mask(n_kv*n_tps);
+    std::vector<int32_t> idx(n_win), pw(n_win), pq(n_tps);
+    for (int64_t i = 0; i < n_tps; ++i) {
+        pq[i] = (int32_t) (lo + i);
+        for (int64_t j = 0; j < n_kv; ++j) {
+            mask[i*n_kv + j] = ggml_fp32_to_fp16(j <= lo + i ? 0.0f : -INFINITY);
+        }
+    }
+    for (int64_t j = 0; j < n_win; ++j) {
+        idx[j] = pw[j] = (int32_t) (first + j);
+    }
+    ggml_backend_tensor_set(t_m, mask.data(), 0, ggml_nbytes(t_m));
+    ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
+    ggml_backend_tensor_set(t_pw, pw.data(), 0, ggml_nbytes(t_pw));
+    ggml_backend_tensor_set(t_pq, pq.data(), 0, ggml_nbytes(t_pq));
+
+    std::vector<double> times;
+    {
+        py::gil_scoped_release release;
+        for (int r = 0; r <= reps; ++r) {
+            const auto t0 = std::chrono::steady_clock::now();
+            if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
+                break;
+            }
+            ggml_backend_synchronize(backend.get());
+            const auto t1 = std::chrono::steady_clock::now();
+            if (r > 0) {
+                times.push_back(std::chrono::duration<double>(t1 - t0).count());
+            }
+        }
+    }
+    if ((int) times.size() != reps) {
+        throw std::runtime_error("bench_attention: graph compute failed on \"" + backend_name + "\"");
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size()/2];
+}
+
 PYBIND11_MODULE(_native, m) {
     m.doc() = "Facts about dpe-gguf's native build (patched llama.cpp).";
     py::dict info;
@@ -330,6 +429,10 @@ PYBIND11_MODULE(_native, m) {
           "Run one GGML_OP_DPE_NEAR_SCORES node (csrc/ggml-dpe.h) on a ggml backend.\n"
           "kq: float32 [n_stream, n_head, n_tps, n_kv], kq_near: float32 [n_stream, n_head, n_tps, n_win],\n"
           "idx, pos_win: int32 [n_stream, n_win], pos_q: int32 [n_stream*n_tps]; returns the merged kq.");
+    m.def("bench_attention", &bench_attention, py::kw_only(), py::arg("dpe"), py::arg("n_kv"), py::arg("n_tps"),
+          py::arg("n_head"), py::arg("n_head_kv"), py::arg("d"), py::arg("window"), py::arg("kv_type") = "f16",
+          py::arg("reps") = 10, py::arg("backend") = "cpu", py::arg("n_threads") = 2,
+          "Seconds per compute (median of reps) of one stock (dpe=False) or DPE flash-attention node of this shape.");
     m.def("round_trip", &round_trip, py::arg("x"), py::arg("type"),
           "x (float32, rows along the last axis) converted to ggml type `type` (\"f16\", \"q8_0\", ...) and back.");
     m.def("dpe_flash_attn", &dpe_flash_attn, py::arg("q"), py::arg("q_far"), py::arg("k"), py::arg("v"), py::arg("mask"),

