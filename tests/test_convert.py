@@ -623,6 +623,38 @@ def test_impossible_string_array_count_is_refused_at_once(tmp_path, capsys):
     _bad(tmp_path, ["inspect", str(bad)], capsys, f"array of {2**63} elements runs past the end")
 
 
+@pytest.mark.parametrize("kv,expect", [
+    ({"llama.block_count": float("nan")}, "llama.block_count must be an integer, got nan"),
+    ({"llama.context_length": float("inf")}, "llama.context_length must be an integer, got inf"),
+    ({"llama.context_length": "512"}, "llama.context_length must be an integer, got '512'"),
+    ({"llama.block_count": True}, "llama.block_count must be an integer, got True"),
+    ({"llama.attention.head_count": ["4", "4"]}, "llama.attention.head_count must be an integer, got '4'"),
+    ({"llama.attention.head_count": [[4], [4]]}, "llama.attention.head_count must be an integer, got [4]"),
+    ({"llama.rope.freq_base": "x"}, "llama.rope.freq_base must be a number, got 'x'"),
+    ({"llama.rope.freq_base": [1.0, 2.0]}, "llama.rope.freq_base must be a number, got [1.0, 2.0]"),
+    ({"llama.rope.scaling.factor": "x"}, "llama.rope.scaling.factor must be a number"),
+    ({"general.architecture": ["llama"]}, "general.architecture must be a string, got ['llama']"),
+])
+def test_metadata_of_the_wrong_type_is_refused(tmp_path, capsys, kv, expect):
+    """int() of NaN, of a string or of a list escaped as ValueError / TypeError / OverflowError."""
+    src = write_tiny_gguf(tmp_path / "m.gguf", extra_kv=kv)
+    _bad(tmp_path, ["inspect", str(src)], capsys, expect)
+    _bad(tmp_path, ["convert", str(src), "--no-calibrate", "-q", "-o", str(tmp_path / "o.gguf")], capsys, expect)
+
+
+@pytest.mark.parametrize("kv,expect", [
+    ({"llama.block_count": 2**32 - 1}, "more than the 512 layers llama.cpp loads"),
+    ({"llama.attention.key_length": 2**31, "llama.rope.dimension_count": 2**31},
+     "would need a divisor table of 17179869184 bytes, more than the whole file"),
+])
+def test_corrupt_counts_do_not_allocate_a_huge_table(tmp_path, capsys, kv, expect):
+    """A count set to an extreme made convert allocate the divisor table first: a MemoryError, or on
+    a machine with room, tens of GB (a fuzzed key_length took this machine out of memory)."""
+    src = write_tiny_gguf(tmp_path / "m.gguf", extra_kv=kv)
+    _bad(tmp_path, conv(src, "-o", str(tmp_path / "o.gguf"), window="10", scales="2"), capsys, expect)
+    _bad(tmp_path, ["convert", str(src), "--no-calibrate", "-q", "-o", str(tmp_path / "o.gguf")], capsys, expect)
+
+
 # ---------------------------------------------------------------- no divisors given: calibrate or uniform 2T/L
 
 @pytest.fixture()
