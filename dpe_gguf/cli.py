@@ -468,10 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
+    if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command of parsed arguments; return the exit code. Split from :func:`main` so that a
+    caller running many commands (the fuzz test) builds the parser once: building it costs more than
+    most commands do."""
+    func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except DPEError as e:

@@ -25,6 +25,7 @@ from .errors import DPEError
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 SUPPORTED_VERSIONS = (2, 3)
+MAX_ARRAY_DEPTH = 16
 
 # GGUFValueType ids -> struct format of scalar types.
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -47,8 +48,10 @@ class HeaderField:
     _header: GGUFHeader
 
     def contents(self) -> Any:
-        """The value as Python data (scalars, str, lists), like ``ReaderField.contents()``."""
-        return self._header._decode(self.value_offset, self.vtype)[0]
+        """The value as Python data (scalars, str, lists), like ``ReaderField.contents()``. Strings are
+        decoded here, not when the header is parsed, so invalid UTF-8 in a value is found here too."""
+        what = f"the value of key {self.name!r} (key/value record at byte offset {self.offset})"
+        return self._header._decode(self.value_offset, self.vtype, what)[0]
 
     @property
     def array_type(self) -> int | None:
@@ -89,7 +92,10 @@ class GGUFHeader:
             raise DPEError(f"{where}: cannot read: {e.strerror or e}") from None
         try:
             self._parse()
-        except (_Corrupt, struct.error, UnicodeDecodeError, ValueError, IndexError, OverflowError) as e:
+        except DPEError:
+            self.close()
+            raise
+        except (_Corrupt, struct.error, ValueError, IndexError, OverflowError) as e:
             self.close()
             detail = f" ({e})" if str(e) else ""
             raise DPEError(f"{where}: truncated or corrupt GGUF file{detail}; download or convert it again") from None
@@ -124,7 +130,7 @@ class GGUFHeader:
         self.fields: dict[str, HeaderField] = {}
         for _ in range(n_kv):
             start = offs
-            name, offs = self._read_str(offs)
+            name, offs = self._read_str(offs, f"the key of the key/value record at byte offset {start}")
             (vtype,) = struct.unpack_from("<I", mm, offs)
             offs += 4
             end = self._skip(offs, vtype)
@@ -143,9 +149,9 @@ class GGUFHeader:
                 raise _Corrupt(f"general.alignment {self.alignment} is not a power of two")
 
         infos = []
-        for _ in range(n_tensors):
+        for i in range(n_tensors):
             start = offs
-            name, offs = self._read_str(offs)
+            name, offs = self._read_str(offs, f"the name of tensor {i} (tensor info at byte offset {start})")
             (n_dims,) = struct.unpack_from("<I", mm, offs)
             if n_dims > 8:
                 raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
@@ -174,15 +180,25 @@ class GGUFHeader:
             self.tensors.append(HeaderTensor(name, tuple(int(d) for d in dims), ggml_type, n_bytes,
                                              data_offset, start))
 
-    def _read_str(self, offs: int) -> tuple[str, int]:
+    def _read_str(self, offs: int, what: str) -> tuple[str, int]:
+        """The GGUF string at ``offs`` and the offset after it. ``what`` names the string (which key,
+        value or tensor, and its record's offset) for the error that invalid UTF-8 is: values are
+        decoded lazily, long after parsing, so this error carries the file name itself."""
         (n,) = struct.unpack_from("<Q", self._mm, offs)
         end = offs + 8 + n
         if end > self.file_size:
             raise _Corrupt("string runs past the end of the file")
-        return self._mm[offs + 8:end].decode("utf-8"), end
+        try:
+            return self._mm[offs + 8:end].decode("utf-8"), end
+        except UnicodeDecodeError as e:
+            bad = offs + 8 + e.start
+            raise DPEError(f"{self.path}: {what} is not valid UTF-8 (byte {self._mm[bad]:#04x} at byte offset "
+                           f"{bad}: {e.reason}); the file is corrupt, download or convert it again") from None
 
-    def _skip(self, offs: int, vtype: int) -> int:
-        """Offset just after a value of type ``vtype`` starting at ``offs``."""
+    def _skip(self, offs: int, vtype: int, depth: int = 0) -> int:
+        """Offset just after a value of type ``vtype`` starting at ``offs``. Arrays of arrays are walked
+        to a depth of ``MAX_ARRAY_DEPTH`` (llama.cpp reads none): 12 bytes per level would otherwise
+        let a few kilobytes of header exhaust Python's recursion limit."""
         if vtype in _SCALAR:
             return offs + struct.calcsize("<" + _SCALAR[vtype])
         if vtype == _STRING:
@@ -191,6 +207,9 @@ class GGUFHeader:
         elif vtype == _ARRAY:
             itype, count = struct.unpack_from("<IQ", self._mm, offs)
             offs += 12
+            if itype in (_STRING, _ARRAY) and count * (8 if itype == _STRING else 12) > self.file_size - offs:
+                # each element takes at least 8 (12) bytes: refuse at once rather than walk the whole file
+                raise _Corrupt(f"array of {count} elements runs past the end of the file")
             if itype in _SCALAR:
                 end = offs + count * struct.calcsize("<" + _SCALAR[itype])
             elif itype == _STRING:
@@ -200,8 +219,10 @@ class GGUFHeader:
                     offs += 8 + unpack(mm, offs)[0]
                 end = offs
             elif itype == _ARRAY:
+                if depth >= MAX_ARRAY_DEPTH:
+                    raise _Corrupt(f"arrays nested more than {MAX_ARRAY_DEPTH} deep")
                 for _ in range(count):
-                    offs = self._skip(offs, _ARRAY)
+                    offs = self._skip(offs, _ARRAY, depth + 1)
                 end = offs
             else:
                 raise _Corrupt(f"unknown array element type {itype}")
@@ -211,13 +232,13 @@ class GGUFHeader:
             raise _Corrupt("value runs past the end of the file")
         return end
 
-    def _decode(self, offs: int, vtype: int) -> tuple[Any, int]:
+    def _decode(self, offs: int, vtype: int, what: str) -> tuple[Any, int]:
         mm = self._mm
         if vtype in _SCALAR:
             fmt = "<" + _SCALAR[vtype]
             return struct.unpack_from(fmt, mm, offs)[0], offs + struct.calcsize(fmt)
         if vtype == _STRING:
-            return self._read_str(offs)
+            return self._read_str(offs, what)
         itype, count = struct.unpack_from("<IQ", mm, offs)
         offs += 12
         if itype in _SCALAR:
@@ -225,8 +246,8 @@ class GGUFHeader:
             values = np.frombuffer(mm, dtype=dtype, count=count, offset=offs).tolist()
             return values, offs + count * dtype.itemsize
         values = []
-        for _ in range(count):
-            value, offs = self._decode(offs, itype)
+        for i in range(count):
+            value, offs = self._decode(offs, itype, f"element {i} of {what}")
             values.append(value)
         return values, offs
 

@@ -44,6 +44,7 @@ _ROPE_IMROPE = frozenset("qwen35 qwen35moe qwen3tts qwen3vl qwen3vlmoe qwen4exp"
 _ROPE_IF_NO_SECTIONS = {"bailingmoe3": "normal", "glm4": "normal", "glm4moe": "neox", "hunyuan_vl": "neox"}
 
 SUPPORTED_ROPE_TYPES = ("normal", "neox")
+LLAMA_MAX_LAYERS = 512          # src/llama-hparams.h of the pinned llama.cpp
 
 
 def rope_type_for(arch: str, rope_sections: list[int] | None = None, hyper_connection_count: int = 0) -> str:
@@ -117,30 +118,39 @@ class ModelInfo:
             path = getattr(reader, "path", None)
         where = str(path) if path is not None else "the model"
         arch = field_value(reader, "general.architecture")
-        if not isinstance(arch, str) or not arch:
+        if arch is not None and not isinstance(arch, str):
+            raise DPEError(f"{where}: general.architecture must be a string, got {_short(arch)}; the file is corrupt")
+        if not arch:
             raise DPEError(f"{where}: no general.architecture key; is this a llama.cpp model file?")
 
         def get(key: str, default: Any = None) -> Any:
             value = field_value(reader, f"{arch}.{key}")
             return default if value is None else value
 
+        def count(key: str, default: int) -> int:
+            return _int_value(get(key, default), f"{arch}.{key}", where)
+
+        def real(key: str, default: float) -> float:
+            return _float_value(get(key, default), f"{arch}.{key}", where)
+
         sections = get("rope.dimension_sections", [])
-        rope_type = rope_type_for(arch, sections if isinstance(sections, list) else [],
-                                  int(get("hyper_connection.count", 0) or 0))
+        if not isinstance(sections, list) or not all(_is_int(v) for v in sections):
+            sections = []
+        rope_type = rope_type_for(arch, sections, count("hyper_connection.count", 0))
         if strict:
             _check_rope_type(where, arch, rope_type)
 
-        n_layer = int(get("block_count", 0))
-        n_embd = int(get("embedding_length", 0))
+        n_layer = count("block_count", 0)
+        n_embd = count("embedding_length", 0)
         n_head = _uniform_count(get("attention.head_count", 0), f"{arch}.attention.head_count", where)
         n_head_kv_raw = get("attention.head_count_kv")
         n_head_kv = n_head if n_head_kv_raw is None else _uniform_count(
             n_head_kv_raw, f"{arch}.attention.head_count_kv", where)
-        head_dim = int(get("attention.key_length", n_embd // n_head if n_head else 0))
-        n_rot = int(get("rope.dimension_count", head_dim))
-        context_length = int(get("context_length", 0))
-        freq_base = float(get("rope.freq_base", 10000.0))
-        factor = float(get("rope.scaling.factor", get("rope.scale_linear", 0.0)))
+        head_dim = count("attention.key_length", n_embd // n_head if n_head else 0)
+        n_rot = count("rope.dimension_count", head_dim)
+        context_length = count("context_length", 0)
+        freq_base = real("rope.freq_base", 10000.0)
+        factor = real("rope.scaling.factor", real("rope.scale_linear", 0.0))
         freq_scale = 1.0 if factor == 0.0 else 1.0 / factor
         scaling_type = get("rope.scaling.type")
         has_rope_freqs = any(t.name == "rope_freqs.weight" or t.name.endswith(".rope_freqs.weight")
@@ -151,10 +161,13 @@ class ModelInfo:
                    rope_scaling_type=str(scaling_type) if scaling_type is not None else None,
                    has_rope_freqs=has_rope_freqs)
         if strict:
-            info._check_shapes(where)
+            info._check_shapes(where, getattr(reader, "file_size", None))
         return info
 
-    def _check_shapes(self, where: str) -> None:
+    def _check_shapes(self, where: str, file_size: int | None = None) -> None:
+        """Refuse counts no usable model has. A corrupt count is caught here, before convert allocates a
+        divisor table from it: ``block_count`` past llama.cpp's limit, or counts whose table would be
+        larger than the file (a real model's K projection alone outweighs its table many times)."""
         arch = self.arch
         if self.context_length <= 0:
             raise DPEError(f"{where}: missing or zero {arch}.context_length; DPE needs the trained context")
@@ -167,6 +180,14 @@ class ModelInfo:
         if self.n_rot <= 0 or self.n_rot % 2 or (self.head_dim and self.n_rot > self.head_dim):
             raise DPEError(f"{where}: invalid rotary dimension count n_rot = {self.n_rot} "
                            f"(head size {self.head_dim}); it must be even and positive")
+        if self.n_layer > LLAMA_MAX_LAYERS:
+            raise DPEError(f"{where}: {arch}.block_count is {self.n_layer}, more than the {LLAMA_MAX_LAYERS} layers "
+                           "llama.cpp loads; the file is corrupt")
+        table_bytes = 4 * self.n_layer * self.n_head_kv * self.n_freq
+        if file_size is not None and table_bytes > file_size:
+            raise DPEError(f"{where}: {self.n_layer} layers x {self.n_head_kv} KV heads x {self.n_freq} frequencies "
+                           f"would need a divisor table of {table_bytes} bytes, more than the whole file "
+                           f"({file_size} bytes); these counts are corrupt")
 
     def summary(self) -> dict[str, Any]:
         """The facts as a JSON-friendly dict."""
@@ -204,14 +225,39 @@ def _check_rope_type(where: str, arch: str, rope_type: str) -> None:
                    "(NORMAL or NEOX) cannot be told; DPE cannot convert it")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _int_value(value: Any, key: str, where: str) -> int:
+    """A count or length: an integer of any GGUF integer type. Anything else (a float, a string, an
+    array, a bool) is refused: llama.cpp refuses it too, and int() of NaN or of a string would escape
+    as ValueError."""
+    if not _is_int(value):
+        raise DPEError(f"{where}: {key} must be an integer, got {_short(value)}; the file is corrupt")
+    return value
+
+
+def _float_value(value: Any, key: str, where: str) -> float:
+    """A real-valued parameter (rope base, scaling factor): an integer or float value."""
+    if not (_is_int(value) or isinstance(value, float)):
+        raise DPEError(f"{where}: {key} must be a number, got {_short(value)}; the file is corrupt")
+    return float(value)
+
+
 def _uniform_count(value: Any, key: str, where: str) -> int:
     """A head count that may be stored per layer; layers with 0 (recurrent layers) are ignored."""
     if isinstance(value, list):
-        nonzero = sorted({int(v) for v in value if int(v) != 0})
+        nonzero = sorted({_int_value(v, key, where) for v in value if v != 0})
         if len(nonzero) > 1:
             raise DPEError(f"{where}: {key} differs between layers ({nonzero}); DPE tables need one head count")
         return nonzero[0] if nonzero else 0
-    return int(value)
+    return _int_value(value, key, where)
 
 
 def open_reader(path: str | os.PathLike[str]) -> GGUFHeader:

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from dpe_gguf import gguf_stream
 from dpe_gguf.cli import main
 from dpe_gguf.convert import convert
 from dpe_gguf.errors import DPEError
+from dpe_gguf.gguf_header import GGUFHeader
 from dpe_gguf.model_info import read_dpe, read_model_info, rope_type_for
 from dpe_gguf.params import DPEParams, divisor_table, fold_query_heads, topk_mask
 
@@ -546,6 +548,111 @@ def test_incomplete_dpe_metadata(tmp_path, capsys):
     assert main(conv(src, "-o", str(tmp_path / "o.gguf"), "--force")) == 0
     assert [k for k, _, _ in kv_items(tmp_path / "o.gguf") if k.startswith("dpe.")] == DPE_KEYS
     assert read_dpe(tmp_path / "o.gguf")[0].window == 100
+
+
+# ---------------------------------------------------------------- corrupt headers (found by tests/test_fuzz.py)
+
+def _utf8_model(tmp_path: Path) -> tuple[Path, bytes]:
+    src = write_tiny_gguf(tmp_path / "m.gguf", extra_kv={"tokenizer.ggml.tokens": ["ab", "cd", "ef"]})
+    return src, src.read_bytes()
+
+
+def _corrupt_at(path: Path, data: bytes, needle: bytes, occurrence: int = 0) -> int:
+    """Write 0xff over the first byte of the ``occurrence``-th copy of ``needle``; return its offset."""
+    at = -1
+    for _ in range(occurrence + 1):
+        at = data.index(needle, at + 1)
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    return at
+
+
+@pytest.mark.parametrize("needle,occurrence,names", [
+    (b"general.architecture", 0, "the key of the key/value record"),
+    (b"llama", 0, "the value of key 'general.architecture'"),
+    (b"token_embd.weight", 0, "the name of tensor 0"),
+])
+def test_invalid_utf8_is_an_error_naming_the_file_and_offset(tmp_path, capsys, needle, occurrence, names):
+    src, data = _utf8_model(tmp_path)
+    bad = tmp_path / "bad.gguf"
+    at = _corrupt_at(bad, data, needle, occurrence)
+    for argv in (["inspect", str(bad)], conv(bad, "-o", str(tmp_path / "o.gguf")), ["strip", str(bad)]):
+        if names.startswith("the value") and argv[0] == "strip":
+            continue        # strip copies values without decoding them: refused for having no DPE keys
+        before = listing(tmp_path)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}: {names}" in err and f"not valid UTF-8 (byte 0xff at byte offset {at}" in err, err
+        assert listing(tmp_path) == before and bad.read_bytes()[at] == 0xff
+
+
+def test_invalid_utf8_in_an_array_element_is_a_dpe_error(tmp_path):
+    src, data = _utf8_model(tmp_path)
+    bad = tmp_path / "bad.gguf"
+    at = _corrupt_at(bad, data, b"cd")
+    with GGUFHeader(bad) as header:             # parsing does not decode values: found when asked
+        field = header.fields["tokenizer.ggml.tokens"]
+        with pytest.raises(DPEError, match=rf"element 1 of the value of key 'tokenizer.ggml.tokens' "
+                                           rf"\(key/value record at byte offset {field.offset}\) is not valid "
+                                           rf"UTF-8 \(byte 0xff at byte offset {at}"):
+            field.contents()
+
+
+def _nested_arrays(path: Path, depth: int) -> Path:
+    """A GGUF file with one key: an array of arrays, ``depth`` levels deep."""
+    record = struct.pack("<Q", 1) + b"x" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * depth
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + record + struct.pack("<IQ", 4, 0))
+    return path
+
+
+def test_deeply_nested_arrays_are_refused(tmp_path, capsys):
+    """12 bytes per level: a 60 KB header used to exhaust the recursion limit (RecursionError)."""
+    with GGUFHeader(_nested_arrays(tmp_path / "ok.gguf", 16)) as header:
+        value = header.fields["x"].contents()
+        for _ in range(16):
+            (value,) = value
+        assert value == []
+    _bad(tmp_path, ["inspect", str(_nested_arrays(tmp_path / "deep.gguf", 5000))], capsys, "nested more than 16")
+
+
+def test_impossible_string_array_count_is_refused_at_once(tmp_path, capsys):
+    src, data = _utf8_model(tmp_path)
+    with GGUFHeader(src) as header:
+        count_at = header.fields["tokenizer.ggml.tokens"].value_offset + 4
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:count_at] + struct.pack("<Q", 2**63) + data[count_at + 8:])
+    _bad(tmp_path, ["inspect", str(bad)], capsys, f"array of {2**63} elements runs past the end")
+
+
+@pytest.mark.parametrize("kv,expect", [
+    ({"llama.block_count": float("nan")}, "llama.block_count must be an integer, got nan"),
+    ({"llama.context_length": float("inf")}, "llama.context_length must be an integer, got inf"),
+    ({"llama.context_length": "512"}, "llama.context_length must be an integer, got '512'"),
+    ({"llama.block_count": True}, "llama.block_count must be an integer, got True"),
+    ({"llama.attention.head_count": ["4", "4"]}, "llama.attention.head_count must be an integer, got '4'"),
+    ({"llama.attention.head_count": [[4], [4]]}, "llama.attention.head_count must be an integer, got [4]"),
+    ({"llama.rope.freq_base": "x"}, "llama.rope.freq_base must be a number, got 'x'"),
+    ({"llama.rope.freq_base": [1.0, 2.0]}, "llama.rope.freq_base must be a number, got [1.0, 2.0]"),
+    ({"llama.rope.scaling.factor": "x"}, "llama.rope.scaling.factor must be a number"),
+    ({"general.architecture": ["llama"]}, "general.architecture must be a string, got ['llama']"),
+])
+def test_metadata_of_the_wrong_type_is_refused(tmp_path, capsys, kv, expect):
+    """int() of NaN, of a string or of a list escaped as ValueError / TypeError / OverflowError."""
+    src = write_tiny_gguf(tmp_path / "m.gguf", extra_kv=kv)
+    _bad(tmp_path, ["inspect", str(src)], capsys, expect)
+    _bad(tmp_path, ["convert", str(src), "--no-calibrate", "-q", "-o", str(tmp_path / "o.gguf")], capsys, expect)
+
+
+@pytest.mark.parametrize("kv,expect", [
+    ({"llama.block_count": 2**32 - 1}, "more than the 512 layers llama.cpp loads"),
+    ({"llama.attention.key_length": 2**31, "llama.rope.dimension_count": 2**31},
+     "would need a divisor table of 17179869184 bytes, more than the whole file"),
+])
+def test_corrupt_counts_do_not_allocate_a_huge_table(tmp_path, capsys, kv, expect):
+    """A count set to an extreme made convert allocate the divisor table first: a MemoryError, or on
+    a machine with room, tens of GB (a fuzzed key_length took this machine out of memory)."""
+    src = write_tiny_gguf(tmp_path / "m.gguf", extra_kv=kv)
+    _bad(tmp_path, conv(src, "-o", str(tmp_path / "o.gguf"), window="10", scales="2"), capsys, expect)
+    _bad(tmp_path, ["convert", str(src), "--no-calibrate", "-q", "-o", str(tmp_path / "o.gguf")], capsys, expect)
 
 
 # ---------------------------------------------------------------- no divisors given: calibrate or uniform 2T/L
