@@ -119,8 +119,14 @@ void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model)
     const int64_t n_h_kv = hp.n_head_kv();
     const int64_t n_lay  = hp.n_layer_all;
 
-    // the shape is checked against the file by create_tensor: [n_rot/2, n_head_kv, n_layer]
+    // the shape is checked against the file by create_tensor: [n_rot/2, n_head_kv, n_layer]. The type first:
+    // create_tensor probes where the table can live with a GGML_OP_ROPE node, which asserts an F32 table.
     const auto tn = LLM_TN(model.arch);
+    const ggml_tensor * meta = ml.get_tensor_meta(tn(LLM_TENSOR_ROPE_DPE, "weight").str().c_str());
+    if (meta != nullptr && meta->type != GGML_TYPE_F32) {
+        throw std::runtime_error(format("DPE: rope_dpe.weight must be F32, not %s; re-convert the model",
+                                        ggml_type_name(meta->type)));
+    }
     ggml_tensor * table = model.create_tensor(tn(LLM_TENSOR_ROPE_DPE, "weight"), {n_freq, n_h_kv, n_lay}, 0);
     if (table == nullptr) {
         throw std::runtime_error("DPE: rope_dpe.weight was not loaded");

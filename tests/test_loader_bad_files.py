@@ -160,16 +160,10 @@ REFUSED = {
 }
 
 
-# A table of the right shape but not F32 aborts the loader (SIGABRT) instead of reaching the F32 check of
-# llama_dpe_create_tensors: create_tensor first probes where the tensor can live with the op its
-# LLM_TENSOR_INFOS entry names (patches/0004: GGML_OP_ROPE, as rope_freqs), and ggml_rope_ext asserts
-# GGML_ASSERT(c->type == GGML_TYPE_F32) on it (ggml.c). strict: the test fails once the loader refuses it.
-LOADER_ABORTS = pytest.mark.xfail(strict=True, reason="loader aborts in create_tensor's GGML_OP_ROPE probe "
-                                                      "(GGML_ASSERT(c->type == GGML_TYPE_F32)), issue #16")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=LOADER_ABORTS) if c in ("table-f16", "table-i32") else c
-                                  for c in REFUSED])
+# A table of the right shape but not F32 used to abort the loader (SIGABRT in create_tensor's GGML_OP_ROPE
+# placement probe, which asserts an F32 table) before the loader's own type check; the loader now checks the
+# type first.
+@pytest.mark.parametrize("case", list(REFUSED))
 def test_bad_dpe_metadata_is_refused_with_a_message(dpe_model, tmp_path, case):
     kv, new_table, expect = REFUSED[case]
     bad = variant(dpe_model, tmp_path / f"{case}.gguf", kv, new_table)
