@@ -33,6 +33,7 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -135,10 +136,9 @@ static inline void dpe_fa_add(const dpe_fa & a, dpe_fa_acc & acc, float s, const
 }
 
 // Cells [c0, c1) for query row (i1, h, s), one dot product per cell. Qf_q: q_far converted to K's vec_dot type.
-// VKQ (DV floats) is zeroed here and holds the unnormalised output on return; V32 is DV floats of scratch.
+// VKQ (DV floats, zeroed by the caller) accumulates the unnormalised output; V32 is DV floats of scratch.
 static void dpe_fa_row(const dpe_fa & a, int64_t i1, int64_t h, int64_t s, int64_t c0, int64_t c1, int64_t n_valid,
                        const void * Qf_q, float * VKQ, float * V32, dpe_fa_acc & acc) {
-    memset(VKQ, 0, a.DV*sizeof(float));
     const float   sl  = a.slope(h);
     const float * qn  = a.q_row(a.q, i1, h, s);
     const int32_t pq  = a.pos_q[s*a.n_tps + i1];
@@ -472,8 +472,6 @@ void ggml_compute_forward_dpe_flash_attn(const struct ggml_compute_params * para
             if (c0 < c1) {
                 a.q_to_vec_dot(a.q_row(a.q_far, 0, h, 0), Qf_q, a.DK);
                 dpe_fa_row(a, 0, h, 0, c0, c1, n_valid, Qf_q, VKQ, V32, acc);
-            } else {
-                memset(VKQ, 0, a.DV*sizeof(float));
             }
             part[0] = acc.M;
             part[1] = acc.S;
@@ -508,13 +506,7 @@ void ggml_compute_forward_dpe_flash_attn(const struct ggml_compute_params * para
     const int64_t n_items    = n_tiles_ps*a.n_head*a.n_stream;
 
     // n_valid per stream, found by every thread (n_stream*n_win reads)
-    int64_t n_valid_s[64];
-    std::vector<int64_t> n_valid_v;
-    int64_t * n_valid = n_valid_s;
-    if (a.n_stream > 64) {
-        n_valid_v.resize(a.n_stream);
-        n_valid = n_valid_v.data();
-    }
+    std::vector<int64_t> n_valid(a.n_stream);
     for (int64_t s = 0; s < a.n_stream; ++s) {
         n_valid[s] = a.n_valid(s);
     }

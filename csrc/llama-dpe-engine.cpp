@@ -403,14 +403,15 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     k_win = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
     ggml_format_name(k_win, "dpe_k_win-%d", il);
 
+    // [d, n_head, n_tokens] -> [d, n_tokens/n_stream, n_head, n_stream], as build_attn_mha splits streams
+    auto by_stream = [&](ggml_tensor * x) {
+        x = ggml_view_4d(ctx, x, x->ne[0], x->ne[1], x->ne[2]/n_stream, n_stream, x->nb[1], x->nb[2],
+                         x->nb[2]*(x->ne[2]/n_stream), 0);
+        return ggml_permute(ctx, x, 0, 2, 1, 3);
+    };
+
     ggml_tensor * cur;
     if (!g.cparams.flash_attn) {
-        // [d, n_head, n_tokens] -> [d, n_tokens/n_stream, n_head, n_stream], as build_attn_mha splits streams
-        auto by_stream = [&](ggml_tensor * x) {
-            x = ggml_view_4d(ctx, x, x->ne[0], x->ne[1], x->ne[2]/n_stream, n_stream, x->nb[1], x->nb[2],
-                             x->nb[2]*(x->ne[2]/n_stream), 0);
-            return ggml_permute(ctx, x, 0, 2, 1, 3);
-        };
         ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] F32 matrix (the fast matmul paths want
@@ -453,11 +454,6 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     // runs it; otherwise one stock call over [window copies | cache cells] with q' = [q ; q_far] (see the top)
     {
         GGML_ASSERT(!v_trans && "flash attention keeps V untransposed");
-        auto by_stream = [&](ggml_tensor * x) {
-            x = ggml_view_4d(ctx, x, x->ne[0], x->ne[1], x->ne[2]/n_stream, n_stream, x->nb[1], x->nb[2],
-                             x->nb[2]*(x->ne[2]/n_stream), 0);
-            return ggml_permute(ctx, x, 0, 2, 1, 3);
-        };
         ggml_tensor * fa = ggml_dpe_flash_attn(ctx, by_stream(q), by_stream(q_far), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), kq_mask,
                                                ggml_permute(ctx, k_win, 0, 2, 1, 3), inp->dpe_win_idx,

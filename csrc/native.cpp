@@ -227,6 +227,26 @@ static py::array_t<float> round_trip(f32_array x, const std::string & type_name)
     return out;
 }
 
+// The inputs of one GGML_OP_DPE_FLASH_ATTN node (its layout: ggml-dpe.h), shared by the test runner and the timer.
+struct dpe_fa_inputs {
+    ggml_tensor * q, * q_far, * k, * v, * mask, * k_win, * idx, * pos_win, * pos_q;
+};
+
+static dpe_fa_inputs dpe_fa_new_inputs(ggml_context * c, int64_t S, int64_t H, int64_t Hk, int64_t T, int64_t D,
+                                       int64_t Dv, int64_t N, int64_t W, ggml_type t_kv) {
+    dpe_fa_inputs in;
+    in.q       = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
+    in.q_far   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
+    in.k       = ggml_new_tensor_4d(c, t_kv, D, N, Hk, S);
+    in.v       = ggml_new_tensor_4d(c, t_kv, Dv, N, Hk, S);
+    in.mask    = ggml_new_tensor_4d(c, GGML_TYPE_F16, N, T, 1, S);
+    in.k_win   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, W, Hk, S);
+    in.idx     = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
+    in.pos_win = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
+    in.pos_q   = ggml_new_tensor_1d(c, GGML_TYPE_I32, S*T);
+    return in;
+}
+
 static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array k, f32_array v, f32_array mask,
                                          f32_array k_win, i32_array idx, i32_array pos_win, i32_array pos_q,
                                          py::object sinks_in, int window, float scale, float max_bias, float softcap,
@@ -263,18 +283,10 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     ggml_init_params params = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
     ggml_context_ptr ctx(ggml_init(params));
     ggml_context * c = ctx.get();
-    ggml_tensor * t_q   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
-    ggml_tensor * t_qf  = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
-    ggml_tensor * t_k   = ggml_new_tensor_4d(c, t_kv, D, N, Hk, S);
-    ggml_tensor * t_v   = ggml_new_tensor_4d(c, t_kv, Dv, N, Hk, S);
-    ggml_tensor * t_m   = ggml_new_tensor_4d(c, GGML_TYPE_F16, N, T, 1, S);
-    ggml_tensor * t_kw  = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, W, Hk, S);
-    ggml_tensor * t_idx = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
-    ggml_tensor * t_pw  = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
-    ggml_tensor * t_pq  = ggml_new_tensor_1d(c, GGML_TYPE_I32, S*T);
+    const dpe_fa_inputs in = dpe_fa_new_inputs(c, S, H, Hk, T, D, Dv, N, W, t_kv);
     ggml_tensor * t_sk  = has_sinks ? ggml_new_tensor_1d(c, GGML_TYPE_F32, H) : nullptr;
-    ggml_tensor * t_out = ggml_dpe_flash_attn(c, t_q, t_qf, t_k, t_v, t_m, t_kw, t_idx, t_pw, t_pq, t_sk, scale, max_bias,
-                                              softcap, window);
+    ggml_tensor * t_out = ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx, in.pos_win,
+                                              in.pos_q, t_sk, scale, max_bias, softcap, window);
     ggml_cgraph * gf = ggml_new_graph(c);
     ggml_build_forward_expand(gf, t_out);
     if (!ggml_backend_supports_op(backend.get(), t_out)) {
@@ -288,15 +300,14 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     ggml_fp32_to_fp16_row(mask.data(), m16.data(), (int64_t) m16.size());
     const std::vector<uint8_t> k_bytes = dpe_to_type(k.data(), S*Hk*N, D, t_kv);
     const std::vector<uint8_t> v_bytes = dpe_to_type(v.data(), S*Hk*N, Dv, t_kv);
-    ggml_backend_tensor_set(t_q, q.data(), 0, ggml_nbytes(t_q));
-    ggml_backend_tensor_set(t_qf, q_far.data(), 0, ggml_nbytes(t_qf));
-    ggml_backend_tensor_set(t_k, k_bytes.data(), 0, ggml_nbytes(t_k));
-    ggml_backend_tensor_set(t_v, v_bytes.data(), 0, ggml_nbytes(t_v));
-    ggml_backend_tensor_set(t_m, m16.data(), 0, ggml_nbytes(t_m));
-    ggml_backend_tensor_set(t_kw, k_win.data(), 0, ggml_nbytes(t_kw));
-    ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
-    ggml_backend_tensor_set(t_pw, pos_win.data(), 0, ggml_nbytes(t_pw));
-    ggml_backend_tensor_set(t_pq, pos_q.data(), 0, ggml_nbytes(t_pq));
+    const std::pair<ggml_tensor *, const void *> data[] = {
+        {in.q, q.data()}, {in.q_far, q_far.data()}, {in.k, k_bytes.data()}, {in.v, v_bytes.data()},
+        {in.mask, m16.data()}, {in.k_win, k_win.data()}, {in.idx, idx.data()}, {in.pos_win, pos_win.data()},
+        {in.pos_q, pos_q.data()},
+    };
+    for (const auto & [t, p] : data) {
+        ggml_backend_tensor_set(t, p, 0, ggml_nbytes(t));
+    }
     if (t_sk) {
         ggml_backend_tensor_set(t_sk, sinks.data(), 0, ggml_nbytes(t_sk));
     }
@@ -324,18 +335,10 @@ static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_h
     const int64_t lo    = n_kv - n_tps;                         // first query's position (= its cell)
     const int64_t first = std::max<int64_t>(0, lo - window + 1);  // first window cell
     const int64_t n_win = n_kv - first;
-    ggml_tensor * t_q   = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_tps, n_head, 1);
-    ggml_tensor * t_qf  = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_tps, n_head, 1);
-    ggml_tensor * t_k   = ggml_new_tensor_4d(c, t_kv, d, n_kv, n_head_kv, 1);
-    ggml_tensor * t_v   = ggml_new_tensor_4d(c, t_kv, d, n_kv, n_head_kv, 1);
-    ggml_tensor * t_m   = ggml_new_tensor_4d(c, GGML_TYPE_F16, n_kv, n_tps, 1, 1);
-    ggml_tensor * t_kw  = ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_win, n_head_kv, 1);
-    ggml_tensor * t_idx = ggml_new_tensor_2d(c, GGML_TYPE_I32, n_win, 1);
-    ggml_tensor * t_pw  = ggml_new_tensor_2d(c, GGML_TYPE_I32, n_win, 1);
-    ggml_tensor * t_pq  = ggml_new_tensor_1d(c, GGML_TYPE_I32, n_tps);
-    ggml_tensor * t_out = dpe ? ggml_dpe_flash_attn(c, t_q, t_qf, t_k, t_v, t_m, t_kw, t_idx, t_pw, t_pq, nullptr,
-                                                    0.125f, 0.0f, 0.0f, window)
-                              : ggml_flash_attn_ext(c, t_q, t_k, t_v, t_m, 0.125f, 0.0f, 0.0f);
+    const dpe_fa_inputs in = dpe_fa_new_inputs(c, 1, n_head, n_head_kv, n_tps, d, d, n_kv, n_win, t_kv);
+    ggml_tensor * t_out = dpe ? ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx,
+                                                    in.pos_win, in.pos_q, nullptr, 0.125f, 0.0f, 0.0f, window)
+                              : ggml_flash_attn_ext(c, in.q, in.k, in.v, in.mask, 0.125f, 0.0f, 0.0f);
     if (!dpe) {
         ggml_flash_attn_ext_set_prec(t_out, GGML_PREC_F32);
     }
@@ -358,11 +361,11 @@ static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_h
         const std::vector<uint8_t> bytes = dpe_to_type(x.data(), rows, n, type);
         ggml_backend_tensor_set(t, bytes.data(), 0, ggml_nbytes(t));
     };
-    fill(t_q, n_tps*n_head, d, GGML_TYPE_F32);
-    fill(t_qf, n_tps*n_head, d, GGML_TYPE_F32);
-    fill(t_k, n_kv*n_head_kv, d, t_kv);
-    fill(t_v, n_kv*n_head_kv, d, t_kv);
-    fill(t_kw, n_win*n_head_kv, d, GGML_TYPE_F32);
+    fill(in.q, n_tps*n_head, d, GGML_TYPE_F32);
+    fill(in.q_far, n_tps*n_head, d, GGML_TYPE_F32);
+    fill(in.k, n_kv*n_head_kv, d, t_kv);
+    fill(in.v, n_kv*n_head_kv, d, t_kv);
+    fill(in.k_win, n_win*n_head_kv, d, GGML_TYPE_F32);
     std::vector<ggml_fp16_t> mask(n_kv*n_tps);
     std::vector<int32_t> idx(n_win), pw(n_win), pq(n_tps);
     for (int64_t i = 0; i < n_tps; ++i) {
@@ -374,10 +377,10 @@ static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_h
     for (int64_t j = 0; j < n_win; ++j) {
         idx[j] = pw[j] = (int32_t) (first + j);
     }
-    ggml_backend_tensor_set(t_m, mask.data(), 0, ggml_nbytes(t_m));
-    ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
-    ggml_backend_tensor_set(t_pw, pw.data(), 0, ggml_nbytes(t_pw));
-    ggml_backend_tensor_set(t_pq, pq.data(), 0, ggml_nbytes(t_pq));
+    ggml_backend_tensor_set(in.mask, mask.data(), 0, ggml_nbytes(in.mask));
+    ggml_backend_tensor_set(in.idx, idx.data(), 0, ggml_nbytes(in.idx));
+    ggml_backend_tensor_set(in.pos_win, pw.data(), 0, ggml_nbytes(in.pos_win));
+    ggml_backend_tensor_set(in.pos_q, pq.data(), 0, ggml_nbytes(in.pos_q));
 
     std::vector<double> times;
     {
