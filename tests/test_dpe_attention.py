@@ -237,7 +237,7 @@ def test_tolerance_catches_wrong_selection(name):
         assert np.max(np.abs(out - wrong)) > 100 * TOL
 
 
-def test_refuses_unordered_window():
+def test_refuses_unordered_window(tmp_path):
     """The window's cells must ascend (the engine builds them so); the kernel stops with a message rather
     than misread them (a ggml assertion: run in a child process)."""
     code = (
@@ -246,6 +246,7 @@ def test_refuses_unordered_window():
         "c['idx'][0, [0, 1]] = c['idx'][0, [1, 0]]\n"
         "t.run_case(c, 'f16')\n"
     ) % str(__import__("pathlib").Path(__file__).parent)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd: not the repository root, whose dpe_gguf/ (without the native build) would shadow the installed one
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode != 0
     assert "window cells must ascend" in r.stderr
