@@ -15,3 +15,10 @@ void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor *
 
 // what ggml_cuda_op_dpe_near_scores handles: F32 scores with float-aligned strides, I32 index and positions
 bool ggml_cuda_supports_dpe_near_scores(const ggml_tensor * op);
+
+// GGML_OP_DPE_FLASH_ATTN (ggml-dpe.h): DPE's one-softmax attention (csrc/ggml-cuda-dpe-fattn.cu)
+void ggml_cuda_op_dpe_flash_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+
+// what ggml_cuda_op_dpe_flash_attn handles on this device: NVIDIA Ampere or newer; K and V of one type (F16, F32,
+// Q8_0) with head dim 64, 128 or 256; F32 queries and window keys; F16 mask; F32 sinks
+bool ggml_cuda_supports_dpe_flash_attn(int device, const ggml_tensor * op);

@@ -13,9 +13,11 @@
 // - Without flash attention the score matrix keeps stock's width n_kv: far scores of the far queries against
 //   the cache (stock's matmul), near scores of the ordinary queries against the window cells, merged in place
 //   where 0 <= i - j < w (GGML_OP_DPE_NEAR_SCORES), then stock's masked softmax and V product.
-// - With flash attention (until a fused kernel reads both sets): one stock flash-attention call over
-//   n_win + n_kv cells with doubled head dim, q' = [q ; q_far], window cells [k ; 0], cache cells [0 ; k_far],
-//   and a mask that keeps each (query, cell) pair in exactly one of the two copies: one softmax, exact.
+// - With flash attention: DPE's own kernel (GGML_OP_DPE_FLASH_ATTN: ggml-cpu-dpe-fattn.cpp, ggml-cuda-dpe-fattn.cu),
+//   one online softmax, each pair scored once. Where a GPU backend lacks it (not NVIDIA Ampere or newer, other
+//   head dims or K/V types): one stock flash-attention call over n_win + n_kv cells with doubled head dim,
+//   q' = [q ; q_far], window cells [k ; 0], cache cells [0 ; k_far], and a mask that keeps each (query, cell)
+//   pair in exactly one of the two copies: one softmax, exact.
 //
 // With a quantized K cache llama.cpp may rotate q and k by a Hadamard matrix H before the cache; DPE's
 // rotations act on the model's own pairs, so they run before H, and the window's keys are taken out of H

@@ -250,7 +250,8 @@ static dpe_fa_inputs dpe_fa_new_inputs(ggml_context * c, int64_t S, int64_t H, i
 static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array k, f32_array v, f32_array mask,
                                          f32_array k_win, i32_array idx, i32_array pos_win, i32_array pos_q,
                                          py::object sinks_in, int window, float scale, float max_bias, float softcap,
-                                         const std::string & kv_type, const std::string & backend_name, int n_threads) {
+                                         const std::string & kv_type, const std::string & backend_name, int n_threads,
+                                         bool stock) {
     if (q.ndim() != 4 || q_far.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || mask.ndim() != 3 || k_win.ndim() != 4 ||
         idx.ndim() != 2 || pos_win.ndim() != 2 || pos_q.ndim() != 1) {
         throw py::value_error("q, q_far, k, v, k_win: 4-d; mask: 3-d; idx, pos_win: 2-d; pos_q: 1-d");
@@ -285,8 +286,16 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     ggml_context * c = ctx.get();
     const dpe_fa_inputs in = dpe_fa_new_inputs(c, S, H, Hk, T, D, Dv, N, W, t_kv);
     ggml_tensor * t_sk  = has_sinks ? ggml_new_tensor_1d(c, GGML_TYPE_F32, H) : nullptr;
-    ggml_tensor * t_out = ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx, in.pos_win,
-                                              in.pos_q, t_sk, scale, max_bias, softcap, window);
+    ggml_tensor * t_out;
+    if (stock) {
+        // stock's flash attention of the far queries over the whole cache: the precision yardstick of a backend
+        t_out = ggml_flash_attn_ext(c, in.q_far, in.k, in.v, in.mask, scale, max_bias, softcap);
+        ggml_flash_attn_ext_set_prec(t_out, GGML_PREC_F32);
+        ggml_flash_attn_ext_add_sinks(t_out, t_sk);
+    } else {
+        t_out = ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx, in.pos_win, in.pos_q,
+                                    t_sk, scale, max_bias, softcap, window);
+    }
     ggml_cgraph * gf = ggml_new_graph(c);
     ggml_build_forward_expand(gf, t_out);
     if (!ggml_backend_supports_op(backend.get(), t_out)) {
@@ -441,8 +450,9 @@ PYBIND11_MODULE(_native, m) {
     m.def("dpe_flash_attn", &dpe_flash_attn, py::arg("q"), py::arg("q_far"), py::arg("k"), py::arg("v"), py::arg("mask"),
           py::arg("k_win"), py::arg("idx"), py::arg("pos_win"), py::arg("pos_q"), py::arg("sinks") = py::none(),
           py::kw_only(), py::arg("window"), py::arg("scale"), py::arg("max_bias") = 0.0f, py::arg("softcap") = 0.0f,
-          py::arg("kv_type") = "f16", py::arg("backend") = "cpu", py::arg("n_threads") = 2,
+          py::arg("kv_type") = "f16", py::arg("backend") = "cpu", py::arg("n_threads") = 2, py::arg("stock") = false,
           "Run one GGML_OP_DPE_FLASH_ATTN node (csrc/ggml-dpe.h) on a ggml backend.\n"
+          "stock=True: stock's GGML_OP_FLASH_ATTN_EXT of q_far over k, v and mask instead (the window is ignored).\n"
           "q, q_far: float32 [S, H, T, D]; k: [S, Hk, N, D] and v: [S, Hk, N, Dv] (float32, stored as kv_type);\n"
           "mask: float32 [S, T, N] (0 or -inf, stored as F16); k_win: float32 [S, Hk, W, D]; idx, pos_win: int32 [S, W];\n"
           "pos_q: int32 [S*T]; sinks: float32 [H] or None. Returns float32 [S, T, H, Dv].");

@@ -1,0 +1,852 @@
+// GGML_OP_DPE_FLASH_ATTN on CUDA (compiled into ggml-cuda). Semantics: ggml-dpe.h (ggml_dpe_flash_attn); the CPU
+// kernel (ggml-cpu-dpe-fattn.cpp) computes the same thing and the float64 test (tests/test_dpe_attention.py) checks both.
+//
+// One online softmax per query row over every cell of the cache, each (query, cell) pair scored once: near
+// (q . k_win[slot]) where the cell is a window slot with 0 <= pos_q - pos_win < window, far (q_far . k[cell]) elsewhere.
+//
+// Layout, as stock's tensor-core kernel (fattn-mma-f16.cuh) lays it out, with tensor-core tiles of
+// mma.sync.m16n8k16 (F16 inputs, F32 accumulators; Ampere and newer):
+// - a block owns up to 16*NWQ query rows of one KV head: the rows are (token, head of the KV head's group) pairs,
+//   so GQA heads share every K and V tile they read (decode: one token, G heads, in one 16-row tile);
+// - its cells are split into NWK contiguous ranges (one per group of NWQ warps) and, across blocks, into n_split
+//   ranges when the rows alone do not fill the GPU (decode); partial results (max, sum, unnormalised output) are
+//   merged exactly, inside the block through shared memory, across blocks by dpe_fattn_combine;
+// - per KV tile of KT cells a group loads the far keys and the values (converted to F16: F16, F32 or Q8_0 cache)
+//   and, only for tiles that hold window cells, the window keys of those cells. A warp whose 16 rows see the tile
+//   wholly far or wholly near computes one Q.K^T product (q_far or q); a warp on the window's edge computes both and
+//   chooses per pair. Masked pairs are -inf whatever their score.
+// Q is scaled and rounded to F16 and P is rounded to F16 before the V product, as in stock's kernels.
+//
+// The window slots of a stream list their cells in ascending order, padding slots (position INT32_MAX) after them
+// (csrc/llama-dpe-engine.cpp builds them so; the CPU kernel asserts it): a group walks them with a cursor.
+#include "ggml-cuda-dpe.cuh"
+#include "ggml-dpe.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+namespace {
+
+struct dpe_fa_args {
+    const float * q;  int64_t q_s1, q_s2, q_s3;     // strides in floats
+    const float * qf; int64_t qf_s1, qf_s2, qf_s3;
+    const char  * k;  int64_t k_nb1, k_nb2, k_nb3;  // strides in bytes
+    const char  * v;  int64_t v_nb1, v_nb2, v_nb3;
+    const half  * mask; int64_t m_s1, m_s2, m_s3; int m_ne2, m_ne3; // strides in halves
+    const float * kw; int64_t kw_s1, kw_s2, kw_s3;  // strides in floats
+    const int32_t * idx, * pos_win, * pos_q;
+    const float * sinks;
+    float  * dst;
+    float  * part;   // [n_split][n_rows_all][D] when n_split > 1
+    float2 * meta;   // [n_split][n_rows_all]: (max, sum)
+    int n_tps, n_head, n_head_kv, n_stream, n_kv, n_win, G, rows; // rows = n_tps*G per (KV head, stream)
+    float scale, softcap, m0, m1; int n_head_log2; bool alibi;
+    bool mask_async; // mask rows 16-byte aligned and n_kv % 8 == 0: mask tiles by cp.async beside K and V
+    int window, n_split, tiles_per_split;
+};
+
+__device__ __forceinline__ float dpe_slope(const dpe_fa_args & a, int h) {
+    if (!a.alibi) {
+        return 1.0f;
+    }
+    return h < a.n_head_log2 ? powf(a.m0, h + 1) : powf(a.m1, 2*(h - a.n_head_log2) + 1);
+}
+
+// 8 consecutive elements e .. e+7 (e a multiple of 8) of a row of the cache, as F16
+template <ggml_type T>
+__device__ __forceinline__ uint4 dpe_load8(const char * row, int e) {
+    if constexpr (T == GGML_TYPE_F16) {
+        return *(const uint4 *) (row + 2*e);
+    } else if constexpr (T == GGML_TYPE_F32) {
+        const float4 x = ((const float4 *) row)[e/4 + 0];
+        const float4 y = ((const float4 *) row)[e/4 + 1];
+        half2 h[4] = { __floats2half2_rn(x.x, x.y), __floats2half2_rn(x.z, x.w),
+                       __floats2half2_rn(y.x, y.y), __floats2half2_rn(y.z, y.w) };
+        return *(const uint4 *) h;
+    } else {
+        static_assert(T == GGML_TYPE_Q8_0, "dpe_load8: F16, F32 or Q8_0");
+        const block_q8_0 * b = (const block_q8_0 *) row + e/QK8_0;
+        const float d = __half2float(b->d);
+        const int16_t * qs = (const int16_t *) (b->qs + e % QK8_0); // 2-byte aligned: blocks are 34 bytes
+        half2 h[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int16_t p = qs[i];
+            h[i] = __floats2half2_rn(d*(float) (int8_t) (p & 0xff), d*(float) (int8_t) (p >> 8));
+        }
+        return *(const uint4 *) h;
+    }
+}
+
+// the first i in [0, n) with !pred(i), for a predicate that holds on a prefix; a whole warp probes 32 places a
+// round (log32 n rounds of dependent loads instead of log2 n)
+template <typename F>
+__device__ __forceinline__ int dpe_warp_partition(int n, F pred) {
+    const int lane = threadIdx.x % 32;
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        const int step = (hi - lo + 31)/32;
+        const int i = lo + lane*step;
+        const unsigned b = __ballot_sync(0xffffffff, i < hi && pred(i));
+        const int k = __popc(b);
+        if (k == 0) {
+            hi = lo;
+        } else {
+            const int nlo = lo + (k - 1)*step + 1;
+            hi = min(hi, lo + k*step);
+            lo = nlo;
+        }
+    }
+    return lo;
+}
+
+__device__ __forceinline__ uint32_t dpe_pack(float x, float y) {
+    const half2 h = __floats2half2_rn(x, y);
+    return *(const uint32_t *) &h;
+}
+
+// c += a . b, m16n8k16, row-major A (16x16), column-major B (16x8), F32 C (16x8)
+__device__ __forceinline__ void dpe_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    GGML_UNUSED(c); GGML_UNUSED(a); GGML_UNUSED(b0); GGML_UNUSED(b1);
+#endif
+}
+
+__device__ __forceinline__ void dpe_cp_async16(void * dst, const void * src, bool ok) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned) __cvta_generic_to_shared(dst);
+    const int n = ok ? 16 : 0; // 0: zero-fill
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(d), "l"(src), "r"(n));
+#else
+    GGML_UNUSED(dst); GGML_UNUSED(src); GGML_UNUSED(ok);
+#endif
+}
+
+__device__ __forceinline__ void dpe_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void dpe_cp_async_wait_1() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#endif
+}
+
+// the B fragment (16x8, k x n) of mma.m16n8k16 from a row-major [k][n] F16 tile: lanes 0-15 give the rows k
+__device__ __forceinline__ void dpe_ldmatrix_x2_trans(uint32_t & b0, uint32_t & b1, const half * row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned) __cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
+#else
+    GGML_UNUSED(row); b0 = b1 = 0;
+#endif
+}
+
+// shared memory: Q tiles of the block, then per group: far K, window K, V^T tiles, and the cells' window info
+template <int D, int KT, int NWQ, int NWK>
+struct dpe_fa_smem {
+    static constexpr int RT = 16*NWQ;
+    static constexpr int DS = D + 8;   // row stride (halves) of the Q, K and V tiles: conflict-free fragment loads
+    static constexpr size_t q_bytes     = 2*sizeof(half)*RT*DS;
+    // two buffers of far K and V (the next tile loads while this one computes), one of window keys, cell info
+    static constexpr int MS = KT + 8;  // row stride (halves) of the mask tile
+    static constexpr size_t group_bytes = sizeof(half)*(5*KT*DS + 2*RT*MS) + sizeof(int2)*KT;
+    static constexpr size_t merge_bytes = sizeof(float)*NWK*RT*(D + 2);
+    static constexpr size_t bytes = q_bytes + (NWK*group_bytes > merge_bytes ? NWK*group_bytes : merge_bytes);
+};
+
+template <int D, int KT, int NWQ, int NWK, ggml_type KV_T>
+__global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    using SM = dpe_fa_smem<D, KT, NWQ, NWK>;
+    constexpr int RT = SM::RT, DS = SM::DS;
+    constexpr int NT = 32*NWQ;  // threads of a group
+    constexpr int NJ = KT/8;    // n-tiles of a score tile
+    constexpr int NO = D/8;     // n-tiles of the output
+    constexpr int D8 = D/8;     // 8-element chunks of a row
+
+    extern __shared__ __align__(16) char dpe_smem[];
+    half * Qn = (half *) dpe_smem;
+    half * Qf = Qn + RT*DS;
+
+    const int tid  = threadIdx.x;
+    const int warp = tid/32;
+    const int lane = tid % 32;
+    const int wq   = warp % NWQ;     // row slice of the warp
+    const int kg   = warp / NWQ;     // cell range (group) of the warp
+    const int gt   = tid - kg*NT;    // thread within the group
+    const int g    = lane/4;
+    const int t4   = lane % 4;
+
+    char * gbase = dpe_smem + SM::q_bytes + kg*SM::group_bytes;
+    half * Ks = (half *) gbase;      // [2][KT][DS] far keys
+    half * Vs = Ks + 2*KT*DS;        // [2][KT][DS] values
+    half * Kn = Vs + 2*KT*DS;        // [KT][DS] window keys of the tile's window cells
+    half * Ms = Kn + KT*DS;          // [2][RT][MS] mask tiles (when mask_async)
+    int2 * info = (int2 *) (Ms + 2*RT*SM::MS); // (tile, position) of each cell that is a window slot
+
+    const int hk   = blockIdx.y % a.n_head_kv;
+    const int s    = blockIdx.y / a.n_head_kv;
+    const int row0 = blockIdx.x*RT;
+
+    // Q tiles, scaled, as F16
+    for (int e = tid; e < RT*(D/2); e += blockDim.x) {
+        const int r  = e/(D/2);
+        const int d2 = e % (D/2);
+        const int cr = row0 + r;
+        half2 vn = __floats2half2_rn(0.0f, 0.0f);
+        half2 vf = vn;
+        if (cr < a.rows) {
+            const int i = cr/a.G;
+            const int h = hk*a.G + cr % a.G;
+            const float * qn = a.q  + i*a.q_s1  + h*a.q_s2  + s*a.q_s3  + 2*d2;
+            const float * qf = a.qf + i*a.qf_s1 + h*a.qf_s2 + s*a.qf_s3 + 2*d2;
+            vn = __floats2half2_rn(a.scale*qn[0], a.scale*qn[1]);
+            vf = __floats2half2_rn(a.scale*qf[0], a.scale*qf[1]);
+        }
+        *(half2 *) (Qn + r*DS + 2*d2) = vn;
+        *(half2 *) (Qf + r*DS + 2*d2) = vf;
+    }
+    for (int c = gt; c < KT; c += NT) {
+        info[c] = make_int2(-1, 0);
+    }
+
+    // the thread's two rows: g and g + 8 of the warp's slice
+    int pq[2];
+    float slope[2];
+    const half * mrow[2];
+    bool valid[2];
+    int hrow[2], irow[2];
+    long long pq_min = LLONG_MAX, pq_max = LLONG_MIN;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int cr = row0 + wq*16 + g + 8*rr;
+        valid[rr] = cr < a.rows;
+        const int i = valid[rr] ? cr/a.G : 0;
+        const int h = hk*a.G + (valid[rr] ? cr % a.G : 0);
+        irow[rr] = i;
+        hrow[rr] = h;
+        pq[rr]    = a.pos_q[s*a.n_tps + i];
+        slope[rr] = dpe_slope(a, h);
+        mrow[rr]  = a.mask ? a.mask + i*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 : nullptr;
+        if (valid[rr]) {
+            pq_min = min(pq_min, (long long) pq[rr]);
+            pq_max = max(pq_max, (long long) pq[rr]);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        pq_min = min(pq_min, __shfl_xor_sync(0xffffffff, pq_min, o));
+        pq_max = max(pq_max, __shfl_xor_sync(0xffffffff, pq_max, o));
+    }
+    const bool warp_rows = pq_min != LLONG_MAX;
+
+    // this group's tiles
+    const int n_tiles  = (a.n_kv + KT - 1)/KT;
+    const int t_begin  = blockIdx.z*a.tiles_per_split;
+    const int t_end    = min(n_tiles, t_begin + a.tiles_per_split);
+    const int per_grp  = t_end > t_begin ? (t_end - t_begin + NWK - 1)/NWK : 0;
+    const int g_begin  = t_begin + kg*per_grp;
+    const int g_end    = min(t_end, g_begin + per_grp);
+
+    // real window slots of the stream (padding follows them), and the first at or after the group's first cell
+    const int32_t * ids = a.idx + (int64_t) s*a.n_win;
+    const int32_t * pws = a.pos_win + (int64_t) s*a.n_win;
+    const int n_valid = dpe_warp_partition(a.n_win, [&](int i) { return pws[i] != INT32_MAX; });
+    const int c_first = g_begin*KT;
+    int cursor = dpe_warp_partition(n_valid, [&](int i) { return ids[i] < c_first; });
+
+    const char * kbase = a.k + hk*a.k_nb2 + s*a.k_nb3;
+    const char * vbase = a.v + hk*a.v_nb2 + s*a.v_nb3;
+    const float * kwbase = a.kw + hk*a.kw_s2 + s*a.kw_s3;
+
+    float O[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+        O[n][0] = O[n][1] = O[n][2] = O[n][3] = 0.0f;
+    }
+    float M[2] = { -INFINITY, -INFINITY };
+    float L[2] = { 0.0f, 0.0f };
+
+    // far keys and values of a tile into buffer b: F16 by cp.async (no registers, overlaps the previous
+    // tile's compute), other types converted through registers
+    auto load_kv = [&](const int tile, const int b) {
+        const int c0 = tile*KT;
+        half * Kb = Ks + b*KT*DS;
+        half * Vb = Vs + b*KT*DS;
+        if (a.mask_async) {
+            half * Mb = Ms + b*RT*SM::MS;
+            for (int e = gt; e < RT*(KT/8); e += NT) {
+                const int r  = e/(KT/8);
+                const int ch = e % (KT/8);
+                const int cr = row0 + r;
+                const bool ok = cr < a.rows && c0 + 8*ch < a.n_kv;
+                const half * src = a.mask;
+                if (ok) {
+                    const int h = hk*a.G + cr % a.G;
+                    src += (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 + c0 + 8*ch;
+                }
+                dpe_cp_async16(Mb + r*SM::MS + 8*ch, src, ok);
+            }
+        }
+        if constexpr (KV_T == GGML_TYPE_F16) {
+            for (int e = gt; e < KT*D8; e += NT) {
+                const int  t  = e/D8;
+                const int  ch = e % D8;
+                const bool ok = c0 + t < a.n_kv;
+                const int64_t c = ok ? c0 + t : 0;
+                dpe_cp_async16(Kb + t*DS + 8*ch, kbase + c*a.k_nb1 + 16*ch, ok);
+                dpe_cp_async16(Vb + t*DS + 8*ch, vbase + c*a.v_nb1 + 16*ch, ok);
+            }
+        } else {
+            constexpr int NB = 4; // loads in flight per thread
+            for (int e0 = 0; e0 < KT*D8; e0 += NB*NT) {
+                uint4 kr[NB], vr[NB];
+#pragma unroll
+                for (int u = 0; u < NB; ++u) {
+                    const int e = e0 + u*NT + gt;
+                    const int c = c0 + e/D8;
+                    kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+                    if (e < KT*D8 && c < a.n_kv) {
+                        kr[u] = dpe_load8<KV_T>(kbase + c*a.k_nb1, 8*(e % D8));
+                        vr[u] = dpe_load8<KV_T>(vbase + c*a.v_nb1, 8*(e % D8));
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < NB; ++u) {
+                    const int e = e0 + u*NT + gt;
+                    if (e < KT*D8) {
+                        *(uint4 *) (Kb + (e/D8)*DS + 8*(e % D8)) = kr[u];
+                        *(uint4 *) (Vb + (e/D8)*DS + 8*(e % D8)) = vr[u];
+                    }
+                }
+            }
+        }
+    };
+
+    __syncthreads(); // info[] is reset before any window cell is recorded
+    if (g_begin < g_end) {
+        load_kv(g_begin, 0);
+    }
+    dpe_cp_async_commit();
+
+    for (int it = 0; it < per_grp; ++it) {
+        const int  tile   = g_begin + it;
+        const bool active = tile < g_end;
+        const int  c0     = tile*KT;
+        const half * Kb = Ks + (it & 1)*KT*DS;
+        const half * Vb = Vs + (it & 1)*KT*DS;
+        const half * Mb = Ms + (it & 1)*RT*SM::MS;
+
+        if (tile + 1 < g_end) {
+            load_kv(tile + 1, (it + 1) & 1);
+        }
+        dpe_cp_async_commit();
+        if (active && cursor < n_valid && ids[cursor] < c0 + KT) {
+            // the window keys of the tile's window cells (slots cursor, cursor + 1, ...: their cells ascend)
+            for (int e = gt; e < KT*D8; e += NT) {
+                const int j  = e/D8;
+                const int ch = e % D8;
+                const int sl = cursor + j;
+                if (sl < n_valid) {
+                    const int c = ids[sl];
+                    if (c < c0 + KT) {
+                        const float4 * src = (const float4 *) (kwbase + sl*a.kw_s1 + 8*ch);
+                        const float4 x = src[0];
+                        const float4 y = src[1];
+                        half2 hv[4] = { __floats2half2_rn(x.x, x.y), __floats2half2_rn(x.z, x.w),
+                                        __floats2half2_rn(y.x, y.y), __floats2half2_rn(y.z, y.w) };
+                        *(uint4 *) (Kn + (c - c0)*DS + 8*ch) = *(const uint4 *) hv;
+                        if (ch == 0) {
+                            info[c - c0] = make_int2(tile, pws[sl]);
+                        }
+                    }
+                }
+            }
+        }
+        dpe_cp_async_wait_1(); // this tile's K and V have arrived
+        __syncthreads();
+
+        do {
+        if (!active) {
+            break;
+        }
+        // the tile's window cells: how many, and the range of their positions
+        int cnt = 0;
+        int pw_min = INT_MAX, pw_max = INT_MIN;
+        for (int c = lane; c < KT; c += 32) {
+            const int2 in = info[c];
+            if (in.x == tile) {
+                ++cnt;
+                pw_min = min(pw_min, in.y);
+                pw_max = max(pw_max, in.y);
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            cnt   += __shfl_xor_sync(0xffffffff, cnt, o);
+            pw_min = min(pw_min, __shfl_xor_sync(0xffffffff, pw_min, o));
+            pw_max = max(pw_max, __shfl_xor_sync(0xffffffff, pw_max, o));
+        }
+        cursor += cnt;
+        if (!warp_rows) {
+            break;
+        }
+
+        // mask (slope times stock's mask; -inf for cells past the cache and rows past the tile)
+        float mk[NJ][4];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int rr = e/2;
+                const int c  = c0 + 8*j + 2*t4 + (e & 1);
+                float mv = -INFINITY;
+                if (valid[rr] && c < a.n_kv) {
+                    if (a.mask_async) {
+                        mv = slope[rr]*__half2float(Mb[(wq*16 + g + 8*rr)*SM::MS + 8*j + 2*t4 + (e & 1)]);
+                    } else {
+                        mv = mrow[rr] ? slope[rr]*__half2float(mrow[rr][c]) : 0.0f;
+                    }
+                }
+                mk[j][e] = mv;
+                any = any || mv != -INFINITY;
+            }
+        }
+        if (!__any_sync(0xffffffff, any)) {
+            break;
+        }
+
+        const int  nc       = min(KT, a.n_kv - c0);
+        const bool all_far  = cnt == 0 || pq_min - pw_max >= a.window || pq_max - pw_min < 0;
+        const bool all_near = !all_far && cnt == nc && pq_min - pw_max >= 0 && pq_max - pw_min < a.window;
+
+        float S[NJ][4];
+        float Sn[NJ][4];
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+            S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
+            Sn[j][0] = Sn[j][1] = Sn[j][2] = Sn[j][3] = 0.0f;
+        }
+        const half * qa = (all_near ? Qn : Qf) + (wq*16 + g)*DS + 2*t4;
+#pragma unroll
+        for (int kk = 0; kk < D/16; ++kk) {
+            const uint32_t A[4] = {
+                *(const uint32_t *) (qa + 16*kk),          *(const uint32_t *) (qa + 8*DS + 16*kk),
+                *(const uint32_t *) (qa + 16*kk + 8),      *(const uint32_t *) (qa + 8*DS + 16*kk + 8) };
+            const half * kb = (all_near ? Kn : Kb) + g*DS + 16*kk + 2*t4;
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                dpe_mma(S[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
+            }
+        }
+        if (!all_far && !all_near) {
+            const half * qb = Qn + (wq*16 + g)*DS + 2*t4;
+#pragma unroll
+            for (int kk = 0; kk < D/16; ++kk) {
+                const uint32_t A[4] = {
+                    *(const uint32_t *) (qb + 16*kk),      *(const uint32_t *) (qb + 8*DS + 16*kk),
+                    *(const uint32_t *) (qb + 16*kk + 8),  *(const uint32_t *) (qb + 8*DS + 16*kk + 8) };
+                const half * kb = Kn + g*DS + 16*kk + 2*t4;
+#pragma unroll
+                for (int j = 0; j < NJ; ++j) {
+                    dpe_mma(Sn[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int2 in = info[8*j + 2*t4 + (e & 1)];
+                    const long long r = (long long) pq[e/2] - in.y;
+                    if (in.x == tile && r >= 0 && r < a.window) {
+                        S[j][e] = Sn[j][e];
+                    }
+                }
+            }
+        }
+
+        // softcap, mask, online softmax
+        float mx[2] = { -INFINITY, -INFINITY };
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = S[j][e];
+                if (a.softcap != 0.0f) {
+                    x = a.softcap*tanhf(x);
+                }
+                x = mk[j][e] == -INFINITY ? -INFINITY : x + mk[j][e];
+                S[j][e] = x;
+                mx[e/2] = fmaxf(mx[e/2], x);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
+            const float Mn = fmaxf(M[rr], mx[rr]);
+            alpha[rr] = Mn == -INFINITY ? 1.0f : expf(M[rr] - Mn);
+            M[rr] = Mn;
+            L[rr] *= alpha[rr];
+        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float Mr = M[e/2];
+                const float p  = Mr == -INFINITY ? 0.0f : expf(S[j][e] - Mr);
+                S[j][e] = p;
+                L[e/2] += p;
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+            O[n][0] *= alpha[0];
+            O[n][1] *= alpha[0];
+            O[n][2] *= alpha[1];
+            O[n][3] *= alpha[1];
+        }
+
+        // O += P . V
+#pragma unroll
+        for (int kk = 0; kk < KT/16; ++kk) {
+            const uint32_t A[4] = {
+                dpe_pack(S[2*kk][0], S[2*kk][1]),         dpe_pack(S[2*kk][2], S[2*kk][3]),
+                dpe_pack(S[2*kk + 1][0], S[2*kk + 1][1]), dpe_pack(S[2*kk + 1][2], S[2*kk + 1][3]) };
+            const half * vb = Vb + (16*kk + (lane & 15))*DS;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                uint32_t b0, b1;
+                dpe_ldmatrix_x2_trans(b0, b1, vb + 8*n);
+                dpe_mma(O[n], A, b0, b1);
+            }
+        }
+        } while (0);
+        __syncthreads(); // this tile's buffers are free for the load two tiles on
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        L[rr] += __shfl_xor_sync(0xffffffff, L[rr], 1);
+        L[rr] += __shfl_xor_sync(0xffffffff, L[rr], 2);
+    }
+
+    if constexpr (NWK > 1) {
+        // merge the groups' partials into group 0's registers
+        __syncthreads();
+        float * Ob = (float *) (dpe_smem + SM::q_bytes);    // [NWK][RT][D]
+        float * Mb = Ob + NWK*RT*D;                          // [NWK][RT]
+        float * Lb = Mb + NWK*RT;
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = wq*16 + g + 8*rr;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                *(float2 *) (Ob + (kg*RT + r)*D + 8*n + 2*t4) = make_float2(O[n][2*rr], O[n][2*rr + 1]);
+            }
+            if (t4 == 0) {
+                Mb[kg*RT + r] = M[rr];
+                Lb[kg*RT + r] = L[rr];
+            }
+        }
+        __syncthreads();
+        if (kg != 0) {
+            return;
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            const int r = wq*16 + g + 8*rr;
+            float Mt = -INFINITY;
+            for (int k = 0; k < NWK; ++k) {
+                Mt = fmaxf(Mt, Mb[k*RT + r]);
+            }
+            float Lt = 0.0f;
+            float f[NWK];
+            for (int k = 0; k < NWK; ++k) {
+                f[k] = Mb[k*RT + r] == -INFINITY ? 0.0f : expf(Mb[k*RT + r] - Mt);
+                Lt += f[k]*Lb[k*RT + r];
+            }
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                float x = 0.0f, y = 0.0f;
+                for (int k = 0; k < NWK; ++k) {
+                    const float2 o = *(const float2 *) (Ob + (k*RT + r)*D + 8*n + 2*t4);
+                    x += f[k]*o.x;
+                    y += f[k]*o.y;
+                }
+                O[n][2*rr]     = x;
+                O[n][2*rr + 1] = y;
+            }
+            M[rr] = Mt;
+            L[rr] = Lt;
+        }
+    }
+
+    // results: [D, n_head, n_tps, n_stream], or this split's partials
+    const int n_rows_all = a.n_stream*a.n_tps*a.n_head;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        if (!valid[rr]) {
+            continue;
+        }
+        const int64_t row_id = ((int64_t) s*a.n_tps + irow[rr])*a.n_head + hrow[rr];
+        if (a.n_split == 1) {
+            float m = M[rr], l = L[rr], f = 1.0f;
+            if (a.sinks) {
+                const float sk = a.sinks[hrow[rr]];
+                const float Mn = fmaxf(m, sk);
+                f = m == -INFINITY ? 0.0f : expf(m - Mn);
+                l = l*f + expf(sk - Mn);
+            }
+            const float inv = l == 0.0f ? 0.0f : f/l;
+            float * y = a.dst + row_id*D + 2*t4;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                *(float2 *) (y + 8*n) = make_float2(O[n][2*rr]*inv, O[n][2*rr + 1]*inv);
+            }
+        } else {
+            const int64_t p = (int64_t) blockIdx.z*n_rows_all + row_id;
+            float * y = a.part + p*D + 2*t4;
+#pragma unroll
+            for (int n = 0; n < NO; ++n) {
+                *(float2 *) (y + 8*n) = make_float2(O[n][2*rr], O[n][2*rr + 1]);
+            }
+            if (t4 == 0) {
+                a.meta[p] = make_float2(M[rr], L[rr]);
+            }
+        }
+    }
+#else
+    GGML_UNUSED(a);
+    NO_DEVICE_CODE;
+#endif
+}
+
+// the splits' partials of one row merged exactly, then the sink and the normalisation
+static __global__ void dpe_fattn_combine(const float * part, const float2 * meta, const float * sinks, float * dst,
+                                         const int D, const int n_rows_all, const int n_split, const int n_head) {
+    const int64_t row = blockIdx.x;
+    float Mt = -INFINITY;
+    for (int k = 0; k < n_split; ++k) {
+        const float2 ml = meta[(int64_t) k*n_rows_all + row];
+        if (ml.y > 0.0f) {
+            Mt = fmaxf(Mt, ml.x);
+        }
+    }
+    float Lt = 0.0f;
+    for (int k = 0; k < n_split; ++k) {
+        const float2 ml = meta[(int64_t) k*n_rows_all + row];
+        if (ml.y > 0.0f) {
+            Lt += ml.y*expf(ml.x - Mt);
+        }
+    }
+    float f = 1.0f;
+    if (sinks) {
+        const float sk = sinks[row % n_head];
+        const float Mn = fmaxf(Mt, sk);
+        f  = Mt == -INFINITY ? 0.0f : expf(Mt - Mn);
+        Lt = Lt*f + expf(sk - Mn);
+    }
+    const float inv = Lt == 0.0f ? 0.0f : f/Lt;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int k = 0; k < n_split; ++k) {
+            const float2 ml = meta[(int64_t) k*n_rows_all + row];
+            if (ml.y > 0.0f) {
+                acc += part[((int64_t) k*n_rows_all + row)*D + d]*expf(ml.x - Mt);
+            }
+        }
+        dst[row*D + d] = acc*inv;
+    }
+}
+
+template <int D, int KT, int NWQ, int NWK, ggml_type KV_T>
+static void dpe_fattn_launch(ggml_backend_cuda_context & ctx, dpe_fa_args a) {
+    using SM = dpe_fa_smem<D, KT, NWQ, NWK>;
+    auto kernel = dpe_fattn<D, KT, NWQ, NWK, KV_T>;
+    const int    nthreads = 32*NWQ*NWK;
+    const size_t smem     = SM::bytes;
+    const int    id       = ggml_cuda_get_device();
+
+    static bool prepared[GGML_CUDA_MAX_DEVICES] = { false };
+    static int  occupancy[GGML_CUDA_MAX_DEVICES] = { 0 };
+    if (!prepared[id]) {
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy[id], kernel, nthreads, smem));
+        occupancy[id] = occupancy[id] < 1 ? 1 : occupancy[id];
+        prepared[id] = true;
+    }
+
+    const int n_tiles = (a.n_kv + KT - 1)/KT;
+    const dim3 grid((a.rows + SM::RT - 1)/SM::RT, a.n_head_kv*a.n_stream, 1);
+    const int64_t blocks_xy = (int64_t) grid.x*grid.y;
+    const int64_t target    = (int64_t) ggml_cuda_info().devices[id].nsm*occupancy[id];
+
+    // split the cells across blocks when the rows alone leave SMs idle, each split at least 2 tiles per group
+    int n_split = 1;
+    if (blocks_xy < target) {
+        const int64_t most = std::max<int64_t>(1, n_tiles/(2*NWK));
+        n_split = (int) std::min<int64_t>(most, (target + blocks_xy - 1)/blocks_xy);
+    }
+    a.tiles_per_split = (n_tiles + n_split - 1)/n_split;
+    n_split = (n_tiles + a.tiles_per_split - 1)/a.tiles_per_split;
+    n_split = n_split < 1 ? 1 : n_split;
+    a.n_split = n_split;
+
+    const int n_rows_all = a.n_stream*a.n_tps*a.n_head;
+    ggml_cuda_pool_alloc<float>  part(ctx.pool());
+    ggml_cuda_pool_alloc<float2> meta(ctx.pool());
+    if (n_split > 1) {
+        a.part = part.alloc((size_t) n_split*n_rows_all*D);
+        a.meta = meta.alloc((size_t) n_split*n_rows_all);
+    }
+    cudaStream_t stream = ctx.stream();
+    kernel<<<dim3(grid.x, grid.y, n_split), nthreads, smem, stream>>>(a);
+    CUDA_CHECK(cudaGetLastError());
+    if (n_split > 1) {
+        dpe_fattn_combine<<<n_rows_all, D < 128 ? D : 128, 0, stream>>>(a.part, a.meta, a.sinks, a.dst, D, n_rows_all,
+                                                                       n_split, a.n_head);
+        CUDA_CHECK(cudaGetLastError());
+    }
+}
+
+// decode (at most 16 rows per KV head: one 16-row slice, the cells split over several warps) or prefill
+template <int D, ggml_type KV_T>
+static void dpe_fattn_dispatch(ggml_backend_cuda_context & ctx, const dpe_fa_args & a) {
+    constexpr int KT_PREFILL = D <= 128 ? 64 : 32;
+    constexpr int NWK_DECODE = D <= 64 ? 4 : 2;
+    if (a.rows <= 16) {
+        dpe_fattn_launch<D, 32, 1, NWK_DECODE, KV_T>(ctx, a);
+    } else {
+        dpe_fattn_launch<D, KT_PREFILL, 4, 1, KV_T>(ctx, a);
+    }
+}
+
+template <int D>
+static void dpe_fattn_dispatch_type(ggml_backend_cuda_context & ctx, const dpe_fa_args & a, ggml_type t) {
+    switch (t) {
+        case GGML_TYPE_F16:  dpe_fattn_dispatch<D, GGML_TYPE_F16>(ctx, a);  break;
+        case GGML_TYPE_F32:  dpe_fattn_dispatch<D, GGML_TYPE_F32>(ctx, a);  break;
+        case GGML_TYPE_Q8_0: dpe_fattn_dispatch<D, GGML_TYPE_Q8_0>(ctx, a); break;
+        default: GGML_ABORT("dpe_flash_attn: K/V type %s is not supported on CUDA", ggml_type_name(t));
+    }
+}
+
+static bool dpe_f32_rows(const ggml_tensor * t) {
+    return t->type == GGML_TYPE_F32 && t->nb[0] == sizeof(float) &&
+           t->nb[1] % sizeof(float) == 0 && t->nb[2] % sizeof(float) == 0 && t->nb[3] % sizeof(float) == 0;
+}
+
+} // namespace
+
+bool ggml_cuda_supports_dpe_flash_attn(int device, const ggml_tensor * op) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    GGML_UNUSED(device); GGML_UNUSED(op);
+    return false; // the kernel is written with NVIDIA's mma.sync
+#else
+    const int cc = ggml_cuda_info().devices[device].cc;
+    if (!ampere_mma_available(cc)) { // built for Ampere or newer and running there
+        return false;
+    }
+    const ggml_tensor * q = op->src[0], * qf = op->src[1], * k = op->src[2], * v = op->src[3];
+    const ggml_tensor * mask = op->src[4], * kw = op->src[5], * sinks = op->src[9];
+    const int64_t D = k->ne[0];
+    if (D != 64 && D != 128 && D != 256) {
+        return false;
+    }
+    if (v->ne[0] != D || k->type != v->type ||
+        (k->type != GGML_TYPE_F16 && k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_Q8_0)) {
+        return false;
+    }
+    // F16 and F32 rows are read 16 bytes at a time, Q8_0 blocks 2 bytes at a time; window keys 16 bytes at a time
+    const size_t align = k->type == GGML_TYPE_Q8_0 ? 2 : 16;
+    for (const ggml_tensor * t : { k, v }) {
+        if (t->nb[1] % align != 0 || t->nb[2] % align != 0 || t->nb[3] % align != 0) {
+            return false;
+        }
+    }
+    if (!dpe_f32_rows(q) || !dpe_f32_rows(qf) || !dpe_f32_rows(kw) ||
+        kw->nb[1] % 16 != 0 || kw->nb[2] % 16 != 0 || kw->nb[3] % 16 != 0) {
+        return false;
+    }
+    if (mask && (mask->type != GGML_TYPE_F16 || !ggml_is_contiguous(mask))) {
+        return false;
+    }
+    if (sinks && (sinks->type != GGML_TYPE_F32 || !ggml_is_contiguous(sinks))) {
+        return false;
+    }
+    return op->type == GGML_TYPE_F32 && ggml_is_contiguous(op) &&
+           k->ne[1] <= INT_MAX/2 && q->ne[1]*(q->ne[2]/k->ne[2]) <= INT_MAX/2 && kw->ne[1] <= INT_MAX/2;
+#endif
+}
+
+void ggml_cuda_op_dpe_flash_attn(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * q = dst->src[0], * qf = dst->src[1], * k = dst->src[2], * v = dst->src[3];
+    const ggml_tensor * mask = dst->src[4], * kw = dst->src[5], * sinks = dst->src[9];
+
+    dpe_fa_args a = {};
+    a.q  = (const float *) q->data;  a.q_s1  = q->nb[1]/4;  a.q_s2  = q->nb[2]/4;  a.q_s3  = q->nb[3]/4;
+    a.qf = (const float *) qf->data; a.qf_s1 = qf->nb[1]/4; a.qf_s2 = qf->nb[2]/4; a.qf_s3 = qf->nb[3]/4;
+    a.k  = (const char *) k->data;   a.k_nb1 = k->nb[1];    a.k_nb2 = k->nb[2];    a.k_nb3 = k->nb[3];
+    a.v  = (const char *) v->data;   a.v_nb1 = v->nb[1];    a.v_nb2 = v->nb[2];    a.v_nb3 = v->nb[3];
+    a.kw = (const float *) kw->data; a.kw_s1 = kw->nb[1]/4; a.kw_s2 = kw->nb[2]/4; a.kw_s3 = kw->nb[3]/4;
+    if (mask) {
+        a.mask = (const half *) mask->data;
+        a.m_s1 = mask->nb[1]/2; a.m_s2 = mask->nb[2]/2; a.m_s3 = mask->nb[3]/2;
+        a.m_ne2 = (int) mask->ne[2]; a.m_ne3 = (int) mask->ne[3];
+        a.mask_async = (uintptr_t) mask->data % 16 == 0 && a.m_s1 % 8 == 0 && a.m_s2 % 8 == 0 && a.m_s3 % 8 == 0 &&
+                       k->ne[1] % 8 == 0;
+    }
+    a.idx     = (const int32_t *) dst->src[6]->data;
+    a.pos_win = (const int32_t *) dst->src[7]->data;
+    a.pos_q   = (const int32_t *) dst->src[8]->data;
+    a.sinks   = sinks ? (const float *) sinks->data : nullptr;
+    a.dst     = (float *) dst->data;
+
+    a.n_tps     = (int) q->ne[1];
+    a.n_head    = (int) q->ne[2];
+    a.n_stream  = (int) q->ne[3];
+    a.n_head_kv = (int) k->ne[2];
+    a.n_kv      = (int) k->ne[1];
+    a.n_win     = (int) kw->ne[1];
+    a.G         = a.n_head/a.n_head_kv;
+    a.rows      = a.n_tps*a.G;
+
+    const float * op = (const float *) dst->op_params;
+    const float max_bias = op[GGML_DPE_FATTN_P_MAX_BIAS];
+    a.scale   = op[GGML_DPE_FATTN_P_SCALE];
+    a.softcap = op[GGML_DPE_FATTN_P_SOFTCAP];
+    a.window  = ((const int32_t *) dst->op_params)[GGML_DPE_FATTN_P_WINDOW];
+    if (a.softcap != 0.0f) {
+        a.scale /= a.softcap;
+    }
+    a.alibi       = max_bias > 0.0f;
+    a.n_head_log2 = 1 << (int) floorf(log2f((float) a.n_head));
+    a.m0 = powf(2.0f, -(max_bias       )/a.n_head_log2);
+    a.m1 = powf(2.0f, -(max_bias / 2.0f)/a.n_head_log2);
+
+    GGML_ASSERT((uintptr_t) kw->data % 16 == 0);
+    if (k->type != GGML_TYPE_Q8_0) {
+        GGML_ASSERT((uintptr_t) k->data % 16 == 0 && (uintptr_t) v->data % 16 == 0);
+    }
+    if (a.n_tps == 0 || a.n_kv == 0) {
+        return;
+    }
+    switch (k->ne[0]) {
+        case 64:  dpe_fattn_dispatch_type<64>(ctx, a, k->type);  break;
+        case 128: dpe_fattn_dispatch_type<128>(ctx, a, k->type); break;
+        case 256: dpe_fattn_dispatch_type<256>(ctx, a, k->type); break;
+        default: GGML_ABORT("dpe_flash_attn: head dim %d is not supported on CUDA", (int) k->ne[0]);
+    }
+}
