@@ -11,8 +11,9 @@
 // - its cells are split into NWK contiguous ranges (one per group of NWQ warps) and, across blocks, into n_split
 //   ranges when the rows alone do not fill the GPU (decode); partial results (max, sum, unnormalised output) are
 //   merged exactly, inside the block through shared memory, across blocks by dpe_fattn_combine;
-// - per KV tile of KT cells a group loads the far keys and the values (converted to F16: F16, F32 or Q8_0 cache)
-//   and, only for tiles that hold window cells, the window keys of those cells. A warp whose 16 rows see the tile
+// - per KV tile of KT cells a group loads the far keys, the values (F16 by cp.async, double-buffered so the next
+//   tile arrives while this one computes; F32 and Q8_0 converted through registers) and the mask tile, and, only
+//   for tiles that hold window cells, the window keys of those cells. A warp whose 16 rows see the tile
 //   wholly far or wholly near computes one Q.K^T product (q_far or q); a warp on the window's edge computes both and
 //   chooses per pair. Masked pairs are -inf whatever their score.
 // Q is scaled and rounded to F16 and P is rounded to F16 before the V product, as in stock's kernels.
