@@ -224,3 +224,37 @@ def test_target_uint32_max_with_the_default_context_fails_cleanly(dpe_model, tmp
     cmd = [str(COMPLETION), "-m", str(model), "-p", "hi", "-n", "2", "-c", "0", "-no-cnv", "-t", "1", "--no-warmup"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == 1, f"exit {res.returncode}:\n{res.stderr[-3000:]}"
+
+
+# ---------------------------------------------------------------- models DPE does not support
+
+def with_dpe_keys(plain: Path, out: Path) -> Path:
+    """``plain`` with dpe.version 1 and dpe.window 32 added: what the loader reads before its model checks
+    (dpe-gguf convert refuses these models itself, so the file is written here)."""
+    with GGUFHeader(plain) as reader, open(out, "wb", buffering=0) as dst:
+        write_gguf(reader, plain, dst, drop_keys=set(),
+                   new_kv=[kv_uint32("dpe.version", 1), kv_uint32("dpe.window", WINDOW)],
+                   drop_tensors=set(), new_tensors=[])
+    return out
+
+
+# (architecture, factory options, the loader's message); gemma2 has sliding-window layers, glm4 with
+# rope.dimension_sections is MROPE (multimodal rope)
+UNSUPPORTED = {
+    "sliding-window": ("gemma2", {}, "DPE: models with sliding-window attention layers are not supported yet; "
+                                     "run the model without DPE (--dpe off)"),
+    "multimodal-rope": ("glm4", {"rope_type_override": "mrope"},
+                        "DPE: rope type 'mrope' is not supported (NORMAL and NEOX are); "
+                        "run the model without DPE (--dpe off)"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_unsupported_models_are_refused_naming_dpe_off(tmp_path, case):
+    from gguf_factory import write_tiny_gguf as write_factory_gguf
+
+    arch, opts, expect = UNSUPPORTED[case]
+    plain = write_factory_gguf(tmp_path / f"{arch}.gguf", arch, **opts)
+    model = with_dpe_keys(plain, tmp_path / f"{arch}.dpe.gguf")
+    line = load_error(bench(model))
+    assert expect in line, line
