@@ -102,6 +102,15 @@ __device__ __forceinline__ int dpe_warp_partition(int n, F pred) {
     return lo;
 }
 
+// a row's sink joins its softmax (max m, sum l; sk: the head's sink logit): returns the factor the row's
+// unnormalised output is scaled by, and l becomes the sum with the sink
+__device__ __forceinline__ float dpe_add_sink(const float m, float & l, const float sk) {
+    const float Mn = fmaxf(m, sk);
+    const float f  = m == -INFINITY ? 0.0f : expf(m - Mn);
+    l = l*f + expf(sk - Mn);
+    return f;
+}
+
 __device__ __forceinline__ uint32_t dpe_pack(float x, float y) {
     const half2 h = __floats2half2_rn(x, y);
     return *(const uint32_t *) &h;
@@ -360,12 +369,8 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
                 if (sl < n_valid) {
                     const int c = ids[sl];
                     if (c < c0 + KT) {
-                        const float4 * src = (const float4 *) (kwbase + sl*a.kw_s1 + 8*ch);
-                        const float4 x = src[0];
-                        const float4 y = src[1];
-                        half2 hv[4] = { __floats2half2_rn(x.x, x.y), __floats2half2_rn(x.z, x.w),
-                                        __floats2half2_rn(y.x, y.y), __floats2half2_rn(y.z, y.w) };
-                        *(uint4 *) (Kn + (c - c0)*DS + 8*ch) = *(const uint4 *) hv;
+                        *(uint4 *) (Kn + (c - c0)*DS + 8*ch) =
+                            dpe_load8<GGML_TYPE_F32>((const char *) (kwbase + sl*a.kw_s1), 8*ch);
                         if (ch == 0) {
                             info[c - c0] = make_int2(tile, pws[sl]);
                         }
@@ -431,38 +436,31 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
         const bool all_far  = cnt == 0 || pq_min - pw_max >= a.window || pq_max - pw_min < 0;
         const bool all_near = !all_far && cnt == nc && pq_min - pw_max >= 0 && pq_max - pw_min < a.window;
 
-        float S[NJ][4];
-        float Sn[NJ][4];
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-            S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
-            Sn[j][0] = Sn[j][1] = Sn[j][2] = Sn[j][3] = 0.0f;
-        }
-        const half * qa = (all_near ? Qn : Qf) + (wq*16 + g)*DS + 2*t4;
-#pragma unroll
-        for (int kk = 0; kk < D/16; ++kk) {
-            const uint32_t A[4] = {
-                *(const uint32_t *) (qa + 16*kk),          *(const uint32_t *) (qa + 8*DS + 16*kk),
-                *(const uint32_t *) (qa + 16*kk + 8),      *(const uint32_t *) (qa + 8*DS + 16*kk + 8) };
-            const half * kb = (all_near ? Kn : Kb) + g*DS + 16*kk + 2*t4;
+        // S = Q . K^T of the warp's 16 rows over the tile (Q and K tiles in shared memory, [row][DS])
+        auto qk = [&](const half * Qt, const half * Kt, float (&S)[NJ][4]) {
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
-                dpe_mma(S[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
+                S[j][0] = S[j][1] = S[j][2] = S[j][3] = 0.0f;
             }
-        }
-        if (!all_far && !all_near) {
-            const half * qb = Qn + (wq*16 + g)*DS + 2*t4;
+            const half * qa = Qt + (wq*16 + g)*DS + 2*t4;
 #pragma unroll
             for (int kk = 0; kk < D/16; ++kk) {
                 const uint32_t A[4] = {
-                    *(const uint32_t *) (qb + 16*kk),      *(const uint32_t *) (qb + 8*DS + 16*kk),
-                    *(const uint32_t *) (qb + 16*kk + 8),  *(const uint32_t *) (qb + 8*DS + 16*kk + 8) };
-                const half * kb = Kn + g*DS + 16*kk + 2*t4;
+                    *(const uint32_t *) (qa + 16*kk),      *(const uint32_t *) (qa + 8*DS + 16*kk),
+                    *(const uint32_t *) (qa + 16*kk + 8),  *(const uint32_t *) (qa + 8*DS + 16*kk + 8) };
+                const half * kb = Kt + g*DS + 16*kk + 2*t4;
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
-                    dpe_mma(Sn[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
+                    dpe_mma(S[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
                 }
             }
+        };
+
+        float S[NJ][4];
+        qk(all_near ? Qn : Qf, all_near ? Kn : Kb, S);
+        if (!all_far && !all_near) {
+            float Sn[NJ][4];
+            qk(Qn, Kn, Sn);
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
 #pragma unroll
@@ -603,13 +601,8 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
         }
         const int64_t row_id = ((int64_t) s*a.n_tps + irow[rr])*a.n_head + hrow[rr];
         if (a.n_split == 1) {
-            float m = M[rr], l = L[rr], f = 1.0f;
-            if (a.sinks) {
-                const float sk = a.sinks[hrow[rr]];
-                const float Mn = fmaxf(m, sk);
-                f = m == -INFINITY ? 0.0f : expf(m - Mn);
-                l = l*f + expf(sk - Mn);
-            }
+            float l = L[rr];
+            const float f = a.sinks ? dpe_add_sink(M[rr], l, a.sinks[hrow[rr]]) : 1.0f;
             const float inv = l == 0.0f ? 0.0f : f/l;
             float * y = a.dst + row_id*D + 2*t4;
 #pragma unroll
@@ -652,13 +645,7 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
             Lt += ml.y*expf(ml.x - Mt);
         }
     }
-    float f = 1.0f;
-    if (sinks) {
-        const float sk = sinks[row % n_head];
-        const float Mn = fmaxf(Mt, sk);
-        f  = Mt == -INFINITY ? 0.0f : expf(Mt - Mn);
-        Lt = Lt*f + expf(sk - Mn);
-    }
+    const float f = sinks ? dpe_add_sink(Mt, Lt, sinks[row % n_head]) : 1.0f;
     const float inv = Lt == 0.0f ? 0.0f : f/Lt;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;

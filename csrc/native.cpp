@@ -59,6 +59,21 @@ static void compute_into(ggml_backend_t backend, ggml_cgraph * gf, ggml_tensor *
     }
 }
 
+// Allocate ctx's tensors on backend once it is known to run t_out (the graph's one node); errors name what,
+// the op and the backend.
+static ggml_backend_buffer_ptr dpe_alloc_for(ggml_backend_t backend, ggml_context * ctx, const ggml_tensor * t_out,
+                                             const char * what, const std::string & backend_name) {
+    if (!ggml_backend_supports_op(backend, t_out)) {
+        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this " +
+                                 ggml_op_name(t_out->op) + " node");
+    }
+    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx, backend));
+    if (!buf) {
+        throw std::runtime_error(std::string(what) + ": could not allocate the tensors on \"" + backend_name + "\"");
+    }
+    return buf;
+}
+
 static py::array_t<float> rope_dpe(
         py::array a_in, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
         py::array_t<float, py::array::c_style | py::array::forcecast> table,
@@ -117,13 +132,7 @@ static py::array_t<float> rope_dpe(
     ggml_cgraph * gf = ggml_new_graph(ctx.get());
     ggml_build_forward_expand(gf, t_out);
 
-    if (!ggml_backend_supports_op(backend.get(), t_out)) {
-        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this ROPE_DPE node");
-    }
-    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx.get(), backend.get()));
-    if (!buf) {
-        throw std::runtime_error("rope_dpe: could not allocate the tensors on \"" + backend_name + "\"");
-    }
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "rope_dpe", backend_name);
     ggml_backend_tensor_set(t_base, a.data(), 0, span);
     ggml_backend_tensor_set(t_pos, pos.data(), 0, ggml_nbytes(t_pos));
     ggml_backend_tensor_set(t_table, table.data(), 0, ggml_nbytes(t_table));
@@ -164,13 +173,7 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     ggml_tensor * t_out  = ggml_dpe_near_scores(ctx.get(), t_kq, t_near, t_idx, t_pw, t_pq, window);
     ggml_cgraph * gf = ggml_new_graph(ctx.get());
     ggml_build_forward_expand(gf, t_out);
-    if (!ggml_backend_supports_op(backend.get(), t_out)) {
-        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this DPE_NEAR_SCORES node");
-    }
-    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx.get(), backend.get()));
-    if (!buf) {
-        throw std::runtime_error("dpe_near_scores: could not allocate the tensors on \"" + backend_name + "\"");
-    }
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "dpe_near_scores", backend_name);
     ggml_backend_tensor_set(t_kq, kq.data(), 0, ggml_nbytes(t_kq));
     ggml_backend_tensor_set(t_near, kq_near.data(), 0, ggml_nbytes(t_near));
     ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
@@ -298,13 +301,7 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     }
     ggml_cgraph * gf = ggml_new_graph(c);
     ggml_build_forward_expand(gf, t_out);
-    if (!ggml_backend_supports_op(backend.get(), t_out)) {
-        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this DPE_FLASH_ATTN node");
-    }
-    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(c, backend.get()));
-    if (!buf) {
-        throw std::runtime_error("dpe_flash_attn: could not allocate the tensors on \"" + backend_name + "\"");
-    }
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), c, t_out, "dpe_flash_attn", backend_name);
     std::vector<ggml_fp16_t> m16(S*T*N);
     ggml_fp32_to_fp16_row(mask.data(), m16.data(), (int64_t) m16.size());
     const std::vector<uint8_t> k_bytes = dpe_to_type(k.data(), S*Hk*N, D, t_kv);
@@ -353,13 +350,7 @@ static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_h
     }
     ggml_cgraph * gf = ggml_new_graph(c);
     ggml_build_forward_expand(gf, t_out);
-    if (!ggml_backend_supports_op(backend.get(), t_out)) {
-        throw std::runtime_error("ggml backend \"" + backend_name + "\" does not support this attention node");
-    }
-    ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(c, backend.get()));
-    if (!buf) {
-        throw std::runtime_error("bench_attention: could not allocate the tensors on \"" + backend_name + "\"");
-    }
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), c, t_out, "bench_attention", backend_name);
     uint64_t state = 0x9E3779B97F4A7C15ull;
     auto fill = [&](ggml_tensor * t, int64_t rows, int64_t n, ggml_type type) {
         std::vector<float> x(rows*n);
