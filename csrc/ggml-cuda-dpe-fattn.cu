@@ -4,19 +4,25 @@
 // One online softmax per query row over every cell of the cache, each (query, cell) pair scored once: near
 // (q . k_win[slot]) where the cell is a window slot with 0 <= pos_q - pos_win < window, far (q_far . k[cell]) elsewhere.
 //
-// Layout, as stock's tensor-core kernel (fattn-mma-f16.cuh) lays it out, with tensor-core tiles of
-// mma.sync.m16n8k16 (F16 inputs, F32 accumulators; Ampere and newer):
-// - a block owns up to 16*NWQ query rows of one KV head: the rows are (token, head of the KV head's group) pairs,
-//   so GQA heads share every K and V tile they read (decode: one token, G heads, in one 16-row tile);
-// - its cells are split into NWK contiguous ranges (one per group of NWQ warps) and, across blocks, into n_split
-//   ranges when the rows alone do not fill the GPU (decode); partial results (max, sum, unnormalised output) are
-//   merged exactly, inside the block through shared memory, across blocks by dpe_fattn_combine;
-// - per KV tile of KT cells a group loads the far keys, the values (F16 by cp.async, double-buffered so the next
-//   tile arrives while this one computes; F32 and Q8_0 converted through registers) and the mask tile, and, only
-//   for tiles that hold window cells, the window keys of those cells. A warp whose 16 rows see the tile
-//   wholly far or wholly near computes one Q.K^T product (q_far or q); a warp on the window's edge computes both and
-//   chooses per pair. Masked pairs are -inf whatever their score.
-// Q is scaled and rounded to F16 and P is rounded to F16 before the V product, as in stock's kernels.
+// Two kernels:
+// - dpe_fattn_vec, decode (at most 16 rows per KV head; 8 at head dim 256): F32 arithmetic, each warp scores 32
+//   cells at a time (one per lane, the K row read whole), then adds their values with the lanes over the head dim;
+//   the cells are split over 4 warps and, across blocks, into n_split ranges so that a few rows fill the GPU.
+// - dpe_fattn, tensor-core tiles of mma.sync.m16n8k16 (F16 inputs, F32 accumulators; Ampere and newer), laid out
+//   as stock's tensor-core kernel (fattn-mma-f16.cuh) lays them out:
+//   - a block owns up to 16*NWQ query rows of one KV head: the rows are (token, head of the KV head's group)
+//     pairs, so GQA heads share every K and V tile they read;
+//   - its cells are split into NWK contiguous ranges (one per group of NWQ warps) and, across blocks, into n_split
+//     ranges when the rows alone do not fill the GPU; the last tiles in which the mask hides every pair of the
+//     block's rows (a causal mask) are neither loaded nor scored;
+//   - per KV tile of KT cells a group loads the far keys, the values (F16 by cp.async, double-buffered so the
+//     next tile arrives while this one computes; F32 and Q8_0 converted through registers) and the mask tile,
+//     and, only for window cells that some row of the block can be near, their window keys. A warp whose 16 rows
+//     see the tile wholly far or wholly near computes one Q.K^T product (q_far or q); a warp on the window's edge
+//     computes both and chooses per pair. Masked pairs are -inf whatever their score. Q is scaled and rounded to
+//     F16 and P is rounded to F16 before the V product, as in stock's kernels.
+// Partial results (max, sum, unnormalised output) merge exactly, inside a block through shared memory, across
+// blocks by dpe_fattn_combine.
 //
 // The window slots of a stream list their cells in ascending order, padding slots (position INT32_MAX) after them
 // (csrc/llama-dpe-engine.cpp builds them so; the CPU kernel asserts it): a group walks them with a cursor.
@@ -44,7 +50,7 @@ struct dpe_fa_args {
     int n_tps, n_head, n_head_kv, n_stream, n_kv, n_win, G, rows; // rows = n_tps*G per (KV head, stream)
     float scale, softcap, m0, m1; int n_head_log2; bool alibi;
     bool mask_async; // mask rows 16-byte aligned and n_kv % 8 == 0: mask tiles by cp.async beside K and V
-    int window, n_split, tiles_per_split;
+    int D, window, n_split, tiles_per_split;
 };
 
 __device__ __forceinline__ float dpe_slope(const dpe_fa_args & a, int h) {
@@ -150,13 +156,26 @@ __device__ __forceinline__ void dpe_cp_async_wait_1() {
 #endif
 }
 
-// the B fragment (16x8, k x n) of mma.m16n8k16 from a row-major [k][n] F16 tile: lanes 0-15 give the rows k
-__device__ __forceinline__ void dpe_ldmatrix_x2_trans(uint32_t & b0, uint32_t & b1, const half * row) {
+// four 8x8 F16 matrices from shared memory (lanes 8i .. 8i+7 give the rows of matrix i), one register each:
+// B fragments of mma.m16n8k16 from a tile stored [n][k] (K: cells by dims), or, transposed, from a tile stored
+// [k][n] (V: cells by dims)
+__device__ __forceinline__ void dpe_ldmatrix_x4(uint32_t (&b)[4], const half * row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     const unsigned a = (unsigned) __cvta_generic_to_shared(row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(a));
 #else
-    GGML_UNUSED(row); b0 = b1 = 0;
+    GGML_UNUSED(row); b[0] = b[1] = b[2] = b[3] = 0;
+#endif
+}
+
+__device__ __forceinline__ void dpe_ldmatrix_x4_trans(uint32_t (&b)[4], const half * row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned) __cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3]) : "r"(a));
+#else
+    GGML_UNUSED(row); b[0] = b[1] = b[2] = b[3] = 0;
 #endif
 }
 
@@ -259,24 +278,72 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
     }
     const bool warp_rows = pq_min != LLONG_MAX;
 
-    // this group's tiles
-    const int n_tiles  = (a.n_kv + KT - 1)/KT;
-    const int t_begin  = blockIdx.z*a.tiles_per_split;
-    const int t_end    = min(n_tiles, t_begin + a.tiles_per_split);
-    const int per_grp  = t_end > t_begin ? (t_end - t_begin + NWK - 1)/NWK : 0;
-    const int g_begin  = t_begin + kg*per_grp;
-    const int g_end    = min(t_end, g_begin + per_grp);
+    // the block's rows' positions, for the window keys a tile must load
+    __shared__ long long blk_pq[2][NWQ*NWK];
+    if (lane == 0) {
+        blk_pq[0][warp] = pq_min;
+        blk_pq[1][warp] = pq_max;
+    }
 
-    // real window slots of the stream (padding follows them), and the first at or after the group's first cell
+    // this block's tiles, less the last ones in which the mask hides every pair of the block's rows (a causal
+    // mask past the rows' positions): they are neither loaded nor scored
+    const int n_tiles = (a.n_kv + KT - 1)/KT;
+    const int t_begin = blockIdx.z*a.tiles_per_split;
+    int       t_end   = min(n_tiles, t_begin + a.tiles_per_split);
+    if (a.mask_async) {
+        for (; t_end > t_begin; --t_end) {
+            const int c0 = (t_end - 1)*KT;
+            bool seen = false;
+            for (int e = tid; e < RT*(KT/8); e += blockDim.x) {
+                const int r  = e/(KT/8);
+                const int ch = e % (KT/8);
+                const int cr = row0 + r;
+                if (cr < a.rows && c0 + 8*ch < a.n_kv) {
+                    const int h = hk*a.G + cr % a.G;
+                    const uint4 u = *(const uint4 *) (a.mask + (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 +
+                                                      (s % a.m_ne3)*a.m_s3 + c0 + 8*ch);
+                    const uint32_t wd[4] = { u.x, u.y, u.z, u.w };
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        seen = seen || (wd[i] & 0xffffu) != 0xfc00u || (wd[i] >> 16) != 0xfc00u; // F16 -inf
+                    }
+                }
+            }
+            if (__syncthreads_or(seen)) {
+                break;
+            }
+        }
+    }
+    const int per_grp = t_end > t_begin ? (t_end - t_begin + NWK - 1)/NWK : 0;
+    const int g_begin = t_begin + kg*per_grp;
+    const int g_end   = min(t_end, g_begin + per_grp);
+
+    // the first real window slot at or after the group's first cell (real slots ascend, padding follows them)
     const int32_t * ids = a.idx + (int64_t) s*a.n_win;
     const int32_t * pws = a.pos_win + (int64_t) s*a.n_win;
-    const int n_valid = dpe_warp_partition(a.n_win, [&](int i) { return pws[i] != INT32_MAX; });
     const int c_first = g_begin*KT;
-    int cursor = dpe_warp_partition(n_valid, [&](int i) { return ids[i] < c_first; });
+    int cursor = dpe_warp_partition(a.n_win, [&](int i) { return pws[i] != INT32_MAX && ids[i] < c_first; });
 
     const char * kbase = a.k + hk*a.k_nb2 + s*a.k_nb3;
     const char * vbase = a.v + hk*a.v_nb2 + s*a.v_nb3;
     const float * kwbase = a.kw + hk*a.kw_s2 + s*a.kw_s3;
+
+    // the thread's chunks of 8 mask values in every mask tile (offsets from the tile's first cell; -1: a row
+    // past the block's rows, zero-filled)
+    constexpr int MC = (RT*(KT/8) + NT - 1)/NT;
+    int64_t moffs[MC];
+#pragma unroll
+    for (int k = 0; k < MC; ++k) {
+        const int e  = gt + k*NT;
+        const int r  = e/(KT/8);
+        const int ch = e % (KT/8);
+        const int cr = row0 + r;
+        moffs[k] = -1;
+        if (e < RT*(KT/8) && cr < a.rows && a.mask_async) {
+            const int h = hk*a.G + cr % a.G;
+            moffs[k] = (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 + 8*ch;
+        }
+    }
 
     float O[NO][4];
 #pragma unroll
@@ -294,27 +361,26 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
         half * Vb = Vs + b*KT*DS;
         if (a.mask_async) {
             half * Mb = Ms + b*RT*SM::MS;
-            for (int e = gt; e < RT*(KT/8); e += NT) {
-                const int r  = e/(KT/8);
-                const int ch = e % (KT/8);
-                const int cr = row0 + r;
-                const bool ok = cr < a.rows && c0 + 8*ch < a.n_kv;
-                const half * src = a.mask;
-                if (ok) {
-                    const int h = hk*a.G + cr % a.G;
-                    src += (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 + c0 + 8*ch;
+#pragma unroll
+            for (int k = 0; k < MC; ++k) {
+                const int e = gt + k*NT;
+                if (e < RT*(KT/8)) {
+                    const int  r  = e/(KT/8);
+                    const int  ch = e % (KT/8);
+                    const bool ok = moffs[k] >= 0 && c0 + 8*ch < a.n_kv;
+                    dpe_cp_async16(Mb + r*SM::MS + 8*ch, ok ? a.mask + moffs[k] + c0 : a.mask, ok);
                 }
-                dpe_cp_async16(Mb + r*SM::MS + 8*ch, src, ok);
             }
         }
+        const char * kt = kbase + (int64_t) c0*a.k_nb1;
+        const char * vt = vbase + (int64_t) c0*a.v_nb1;
         if constexpr (KV_T == GGML_TYPE_F16) {
             for (int e = gt; e < KT*D8; e += NT) {
                 const int  t  = e/D8;
                 const int  ch = e % D8;
                 const bool ok = c0 + t < a.n_kv;
-                const int64_t c = ok ? c0 + t : 0;
-                dpe_cp_async16(Kb + t*DS + 8*ch, kbase + c*a.k_nb1 + 16*ch, ok);
-                dpe_cp_async16(Vb + t*DS + 8*ch, vbase + c*a.v_nb1 + 16*ch, ok);
+                dpe_cp_async16(Kb + t*DS + 8*ch, ok ? kt + t*a.k_nb1 + 16*ch : kbase, ok);
+                dpe_cp_async16(Vb + t*DS + 8*ch, ok ? vt + t*a.v_nb1 + 16*ch : vbase, ok);
             }
         } else {
             constexpr int NB = 4; // loads in flight per thread
@@ -323,11 +389,11 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
 #pragma unroll
                 for (int u = 0; u < NB; ++u) {
                     const int e = e0 + u*NT + gt;
-                    const int c = c0 + e/D8;
+                    const int t = e/D8;
                     kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-                    if (e < KT*D8 && c < a.n_kv) {
-                        kr[u] = dpe_load8<KV_T>(kbase + c*a.k_nb1, 8*(e % D8));
-                        vr[u] = dpe_load8<KV_T>(vbase + c*a.v_nb1, 8*(e % D8));
+                    if (e < KT*D8 && c0 + t < a.n_kv) {
+                        kr[u] = dpe_load8<KV_T>(kt + t*a.k_nb1, 8*(e % D8));
+                        vr[u] = dpe_load8<KV_T>(vt + t*a.v_nb1, 8*(e % D8));
                     }
                 }
 #pragma unroll
@@ -342,7 +408,13 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
         }
     };
 
-    __syncthreads(); // info[] is reset before any window cell is recorded
+    __syncthreads(); // info[] is reset and blk_pq is written
+    long long bq_min = LLONG_MAX, bq_max = LLONG_MIN;
+#pragma unroll
+    for (int w = 0; w < NWQ*NWK; ++w) {
+        bq_min = min(bq_min, blk_pq[0][w]);
+        bq_max = max(bq_max, blk_pq[1][w]);
+    }
     if (g_begin < g_end) {
         load_kv(g_begin, 0);
     }
@@ -360,19 +432,23 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             load_kv(tile + 1, (it + 1) & 1);
         }
         dpe_cp_async_commit();
-        if (active && cursor < n_valid && ids[cursor] < c0 + KT) {
-            // the window keys of the tile's window cells (slots cursor, cursor + 1, ...: their cells ascend)
+        if (active && cursor < a.n_win && pws[cursor] != INT32_MAX && ids[cursor] < c0 + KT) {
+            // the tile's window cells (slots cursor, cursor + 1, ...: their cells ascend): their positions, and
+            // the window keys of those that some row of the block can be near
             for (int e = gt; e < KT*D8; e += NT) {
                 const int j  = e/D8;
                 const int ch = e % D8;
                 const int sl = cursor + j;
-                if (sl < n_valid) {
-                    const int c = ids[sl];
-                    if (c < c0 + KT) {
-                        *(uint4 *) (Kn + (c - c0)*DS + 8*ch) =
-                            dpe_load8<GGML_TYPE_F32>((const char *) (kwbase + sl*a.kw_s1), 8*ch);
+                if (sl < a.n_win) {
+                    const int c  = ids[sl];
+                    const int pw = pws[sl];
+                    if (pw != INT32_MAX && c < c0 + KT) {
+                        if (bq_max - pw >= 0 && bq_min - pw < a.window) {
+                            *(uint4 *) (Kn + (c - c0)*DS + 8*ch) =
+                                dpe_load8<GGML_TYPE_F32>((const char *) (kwbase + sl*a.kw_s1), 8*ch);
+                        }
                         if (ch == 0) {
-                            info[c - c0] = make_int2(tile, pws[sl]);
+                            info[c - c0] = make_int2(tile, pw);
                         }
                     }
                 }
@@ -407,36 +483,12 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             break;
         }
 
-        // mask (slope times stock's mask; -inf for cells past the cache and rows past the tile)
-        float mk[NJ][4];
-        bool any = false;
-#pragma unroll
-        for (int j = 0; j < NJ; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int rr = e/2;
-                const int c  = c0 + 8*j + 2*t4 + (e & 1);
-                float mv = -INFINITY;
-                if (valid[rr] && c < a.n_kv) {
-                    if (a.mask_async) {
-                        mv = slope[rr]*__half2float(Mb[(wq*16 + g + 8*rr)*SM::MS + 8*j + 2*t4 + (e & 1)]);
-                    } else {
-                        mv = mrow[rr] ? slope[rr]*__half2float(mrow[rr][c]) : 0.0f;
-                    }
-                }
-                mk[j][e] = mv;
-                any = any || mv != -INFINITY;
-            }
-        }
-        if (!__any_sync(0xffffffff, any)) {
-            break;
-        }
-
         const int  nc       = min(KT, a.n_kv - c0);
         const bool all_far  = cnt == 0 || pq_min - pw_max >= a.window || pq_max - pw_min < 0;
         const bool all_near = !all_far && cnt == nc && pq_min - pw_max >= 0 && pq_max - pw_min < a.window;
 
-        // S = Q . K^T of the warp's 16 rows over the tile (Q and K tiles in shared memory, [row][DS])
+        // S = Q . K^T of the warp's 16 rows over the tile (Q and K tiles in shared memory, [row][DS]); the K
+        // fragments of two k-steps at a time by ldmatrix.x4
         auto qk = [&](const half * Qt, const half * Kt, float (&S)[NJ][4]) {
 #pragma unroll
             for (int j = 0; j < NJ; ++j) {
@@ -444,14 +496,22 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             }
             const half * qa = Qt + (wq*16 + g)*DS + 2*t4;
 #pragma unroll
-            for (int kk = 0; kk < D/16; ++kk) {
-                const uint32_t A[4] = {
-                    *(const uint32_t *) (qa + 16*kk),      *(const uint32_t *) (qa + 8*DS + 16*kk),
-                    *(const uint32_t *) (qa + 16*kk + 8),  *(const uint32_t *) (qa + 8*DS + 16*kk + 8) };
-                const half * kb = Kt + g*DS + 16*kk + 2*t4;
+            for (int kk = 0; kk < D/16; kk += 2) {
+                uint32_t A[2][4];
+#pragma unroll
+                for (int u = 0; u < 2; ++u) {
+                    A[u][0] = *(const uint32_t *) (qa + 16*(kk + u));
+                    A[u][1] = *(const uint32_t *) (qa + 8*DS + 16*(kk + u));
+                    A[u][2] = *(const uint32_t *) (qa + 16*(kk + u) + 8);
+                    A[u][3] = *(const uint32_t *) (qa + 8*DS + 16*(kk + u) + 8);
+                }
+                const half * kb = Kt + (lane % 8)*DS + 16*kk + 8*(lane/8);
 #pragma unroll
                 for (int j = 0; j < NJ; ++j) {
-                    dpe_mma(S[j], A, *(const uint32_t *) (kb + 8*j*DS), *(const uint32_t *) (kb + 8*j*DS + 8));
+                    uint32_t b[4];
+                    dpe_ldmatrix_x4(b, kb + 8*j*DS);
+                    dpe_mma(S[j], A[0], b[0], b[1]);
+                    dpe_mma(S[j], A[1], b[2], b[3]);
                 }
             }
         };
@@ -474,37 +534,71 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             }
         }
 
-        // softcap, mask, online softmax
+        // softcap, mask (slope times stock's mask; -inf for cells past the cache), online softmax
+        if (a.softcap != 0.0f) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    S[j][e] = a.softcap*tanhf(S[j][e]);
+                }
+            }
+        }
+        if (a.mask_async) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    const float2 m = __half22float2(*(const half2 *) (Mb + (wq*16 + g + 8*rr)*SM::MS + 8*j + 2*t4));
+                    S[j][2*rr]     += slope[rr]*m.x;
+                    S[j][2*rr + 1] += slope[rr]*m.y;
+                }
+            }
+        } else if (a.mask) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = c0 + 8*j + 2*t4 + (e & 1);
+                    S[j][e] += c < a.n_kv ? slope[e/2]*__half2float(mrow[e/2][c]) : 0.0f;
+                }
+            }
+        }
+        if (nc < KT) {
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (8*j + 2*t4 + (e & 1) >= nc) {
+                        S[j][e] = -INFINITY;
+                    }
+                }
+            }
+        }
         float mx[2] = { -INFINITY, -INFINITY };
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = S[j][e];
-                if (a.softcap != 0.0f) {
-                    x = a.softcap*tanhf(x);
-                }
-                x = mk[j][e] == -INFINITY ? -INFINITY : x + mk[j][e];
-                S[j][e] = x;
-                mx[e/2] = fmaxf(mx[e/2], x);
+                mx[e/2] = fmaxf(mx[e/2], S[j][e]);
             }
         }
-        float alpha[2];
+        float alpha[2], Mz[2];
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
             mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 1));
             mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffff, mx[rr], 2));
             const float Mn = fmaxf(M[rr], mx[rr]);
             alpha[rr] = Mn == -INFINITY ? 1.0f : expf(M[rr] - Mn);
-            M[rr] = Mn;
+            M[rr]  = Mn;
+            Mz[rr] = Mn == -INFINITY ? 0.0f : Mn; // every score of a row with no visible cell yet is -inf: p = 0
             L[rr] *= alpha[rr];
         }
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float Mr = M[e/2];
-                const float p  = Mr == -INFINITY ? 0.0f : expf(S[j][e] - Mr);
+                const float p = expf(S[j][e] - Mz[e/2]);
                 S[j][e] = p;
                 L[e/2] += p;
             }
@@ -517,18 +611,19 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             O[n][3] *= alpha[1];
         }
 
-        // O += P . V
+        // O += P . V; the V fragments of two n-tiles at a time by ldmatrix.x4.trans
 #pragma unroll
         for (int kk = 0; kk < KT/16; ++kk) {
             const uint32_t A[4] = {
                 dpe_pack(S[2*kk][0], S[2*kk][1]),         dpe_pack(S[2*kk][2], S[2*kk][3]),
                 dpe_pack(S[2*kk + 1][0], S[2*kk + 1][1]), dpe_pack(S[2*kk + 1][2], S[2*kk + 1][3]) };
-            const half * vb = Vb + (16*kk + (lane & 15))*DS;
+            const half * vb = Vb + (16*kk + (lane & 15))*DS + 8*(lane/16);
 #pragma unroll
-            for (int n = 0; n < NO; ++n) {
-                uint32_t b0, b1;
-                dpe_ldmatrix_x2_trans(b0, b1, vb + 8*n);
-                dpe_mma(O[n], A, b0, b1);
+            for (int n = 0; n < NO; n += 2) {
+                uint32_t b[4];
+                dpe_ldmatrix_x4_trans(b, vb + 8*n);
+                dpe_mma(O[n], A, b[0], b[1]);
+                dpe_mma(O[n + 1], A, b[2], b[3]);
             }
         }
         } while (0);
@@ -627,6 +722,354 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
 #endif
 }
 
+// N consecutive elements e .. e+N-1 (N = 2, 4 or 8; e a multiple of N) of a row of the cache, as floats
+template <ggml_type T, int N>
+__device__ __forceinline__ void dpe_loadf(const char * row, const int e, float (&x)[N]) {
+    static_assert(N == 2 || N == 4 || N == 8, "dpe_loadf: 2, 4 or 8 elements");
+    if constexpr (T == GGML_TYPE_F16) {
+        half2 h[N/2];
+        if constexpr (N == 8) {
+            *(uint4 *) h = *(const uint4 *) (row + 2*e);
+        } else if constexpr (N == 4) {
+            *(uint2 *) h = *(const uint2 *) (row + 2*e);
+        } else {
+            h[0] = *(const half2 *) (row + 2*e);
+        }
+#pragma unroll
+        for (int i = 0; i < N/2; ++i) {
+            const float2 f = __half22float2(h[i]);
+            x[2*i] = f.x;
+            x[2*i + 1] = f.y;
+        }
+    } else if constexpr (T == GGML_TYPE_F32) {
+#pragma unroll
+        for (int i = 0; i < N; i += 2) {
+            const float2 f = *(const float2 *) (row + 4*(e + i));
+            x[i] = f.x;
+            x[i + 1] = f.y;
+        }
+    } else {
+        static_assert(T == GGML_TYPE_Q8_0, "dpe_loadf: F16, F32 or Q8_0");
+        const block_q8_0 * b = (const block_q8_0 *) row + e/QK8_0;
+        const float d = __half2float(b->d);
+        const int16_t * qs = (const int16_t *) (b->qs + e % QK8_0); // 2-byte aligned: blocks are 34 bytes
+#pragma unroll
+        for (int i = 0; i < N/2; ++i) {
+            const int16_t p = qs[i];
+            x[2*i] = d*(float) (int8_t) (p & 0xff);
+            x[2*i + 1] = d*(float) (int8_t) (p >> 8);
+        }
+    }
+}
+
+// shared memory of the vector kernel: per-row facts, then Q tiles and the warps' softmax weights, which the
+// warps' partial outputs replace once every cell is scored
+template <int D, int R, int NW>
+struct dpe_fa_vec_smem {
+    static constexpr int    U     = 2*R*D + NW*32*R > (NW - 1)*R*D ? 2*R*D + NW*32*R : (NW - 1)*R*D; // floats
+    static constexpr size_t bytes = sizeof(int64_t)*R + (sizeof(int) + sizeof(float))*R + sizeof(float)*U +
+                                    sizeof(float2)*NW*R;
+};
+
+// Decode: at most R rows (token, head of the KV head's group) of one KV head. Each warp scores 32 cells at a time,
+// one cell per lane, in F32 (K rows read whole per lane; Q broadcast from shared memory), then adds their values
+// with the lanes over the head dim. A cell that is a window slot near some row is scored with q . k_win as well,
+// and each row takes the product its distance selects. The block's warps own contiguous ranges of the block's
+// split of the cells; partials merge exactly, in shared memory and across splits by dpe_fattn_combine.
+template <int D, int R, ggml_type KV_T>
+__global__ void __launch_bounds__(128) dpe_fattn_vec(const dpe_fa_args a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    constexpr int NW = 4;
+    constexpr int VN = D/32; // values per lane in the V product
+    using SM = dpe_fa_vec_smem<D, R, NW>;
+
+    extern __shared__ __align__(16) char dpe_smem[];
+    int64_t * moff = (int64_t *) dpe_smem;     // [R] the rows' mask offsets
+    int     * rpq  = (int *) (moff + R);       // [R] their positions
+    float   * rsl  = (float *) (rpq + R);      // [R] their ALiBi slopes
+    float   * Qn   = rsl + R;                  // [R][D] q, scaled
+    float   * Qf   = Qn + R*D;                 // [R][D] q_far, scaled
+    float   * P    = Qf + R*D;                 // [NW][32][R] softmax weights of the warp's chunk
+    float   * Ob   = Qn;                       // [NW - 1][R][D] partial outputs of warps 1.. (after the cells)
+    float2  * ML   = (float2 *) (Qn + SM::U);  // [NW][R] their (max, sum)
+    static_assert((sizeof(int64_t)*R + (sizeof(int) + sizeof(float))*R) % 16 == 0, "Q tiles 16-byte aligned");
+
+    const int tid  = threadIdx.x;
+    const int warp = tid/32;
+    const int lane = tid % 32;
+    const int hk   = blockIdx.y % a.n_head_kv;
+    const int s    = blockIdx.y / a.n_head_kv;
+
+    for (int e = tid; e < R*D; e += blockDim.x) {
+        const int r = e/D;
+        const int d = e % D;
+        float vn = 0.0f, vf = 0.0f;
+        if (r < a.rows) {
+            const int i = r/a.G;
+            const int h = hk*a.G + r % a.G;
+            vn = a.scale*a.q [i*a.q_s1  + h*a.q_s2  + s*a.q_s3  + d];
+            vf = a.scale*a.qf[i*a.qf_s1 + h*a.qf_s2 + s*a.qf_s3 + d];
+        }
+        Qn[e] = vn;
+        Qf[e] = vf;
+    }
+    if (tid < R) {
+        const int  r  = tid;
+        const bool ok = r < a.rows;
+        const int  i  = ok ? r/a.G : 0;
+        const int  h  = hk*a.G + (ok ? r % a.G : 0);
+        moff[r] = a.mask ? i*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 : 0;
+        rpq[r]  = a.pos_q[s*a.n_tps + i];
+        rsl[r]  = dpe_slope(a, h);
+    }
+    __syncthreads();
+
+    long long pq_min = LLONG_MAX, pq_max = LLONG_MIN;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r < a.rows) {
+            pq_min = min(pq_min, (long long) rpq[r]);
+            pq_max = max(pq_max, (long long) rpq[r]);
+        }
+    }
+
+    // the warp's chunks of 32 cells
+    const int n_chunks = (a.n_kv + 31)/32;
+    const int b_begin  = blockIdx.z*a.tiles_per_split;
+    const int b_end    = min(n_chunks, b_begin + a.tiles_per_split);
+    const int per_warp = b_end > b_begin ? (b_end - b_begin + NW - 1)/NW : 0;
+    const int w_begin  = b_begin + warp*per_warp;
+    const int w_end    = min(b_end, w_begin + per_warp);
+
+    // the first real window slot at or after the warp's first cell (real slots ascend, padding follows them)
+    const int32_t * ids = a.idx + (int64_t) s*a.n_win;
+    const int32_t * pws = a.pos_win + (int64_t) s*a.n_win;
+    const int c_first = w_begin*32;
+    int cursor = dpe_warp_partition(a.n_win, [&](int i) { return pws[i] != INT32_MAX && ids[i] < c_first; });
+
+    const char  * kbase  = a.k + hk*a.k_nb2 + s*a.k_nb3;
+    const char  * vbase  = a.v + hk*a.v_nb2 + s*a.v_nb3;
+    const float * kwbase = a.kw + hk*a.kw_s2 + s*a.kw_s3;
+    float * Pw = P + warp*32*R;
+
+    float M[R], L[R], O[R][VN];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        M[r] = -INFINITY;
+        L[r] = 0.0f;
+#pragma unroll
+        for (int n = 0; n < VN; ++n) {
+            O[r][n] = 0.0f;
+        }
+    }
+
+    for (int ck = w_begin; ck < w_end; ++ck) {
+        const int  c0 = ck*32;
+        const int  c  = c0 + lane;
+        const bool ok = c < a.n_kv;
+
+        // the chunk's window slots: a prefix of cursor, cursor + 1, ... (their cells ascend from c0)
+        const int sl_l = cursor + lane;
+        int cell_l = INT_MAX;
+        if (sl_l < a.n_win && pws[sl_l] != INT32_MAX) {
+            cell_l = ids[sl_l];
+        }
+        const bool     in_chunk = cell_l >= c0 && cell_l < c0 + 32;
+        const unsigned present  = __reduce_or_sync(0xffffffff, in_chunk ? 1u << (cell_l - c0) : 0u);
+        const bool has = (present >> lane) & 1;
+        const int  sl  = cursor + __popc(present & ((1u << lane) - 1));
+        cursor += __popc(present);
+
+        long long pw = 0;
+        bool any_near = false, all_near = false;
+        if (has) {
+            pw = pws[sl];
+            any_near = pq_max - pw >= 0 && pq_min - pw < a.window;
+            all_near = pq_min - pw >= 0 && pq_max - pw < a.window;
+        }
+
+        float sc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            sc[r] = 0.0f;
+        }
+        if (ok && !all_near) {
+            const char * krow = kbase + (int64_t) c*a.k_nb1;
+#pragma unroll
+            for (int e = 0; e < D; e += 8) {
+                float x[8];
+                dpe_loadf<KV_T, 8>(krow, e, x);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float4 q0 = *(const float4 *) (Qf + r*D + e);
+                    const float4 q1 = *(const float4 *) (Qf + r*D + e + 4);
+                    sc[r] += q0.x*x[0] + q0.y*x[1] + q0.z*x[2] + q0.w*x[3] + q1.x*x[4] + q1.y*x[5] + q1.z*x[6] + q1.w*x[7];
+                }
+            }
+        }
+        if (ok && any_near) {
+            const char * kwrow = (const char *) (kwbase + (int64_t) sl*a.kw_s1);
+            float sn[R];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                sn[r] = 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < D; e += 8) {
+                float x[8];
+                dpe_loadf<GGML_TYPE_F32, 8>(kwrow, e, x);
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    const float4 q0 = *(const float4 *) (Qn + r*D + e);
+                    const float4 q1 = *(const float4 *) (Qn + r*D + e + 4);
+                    sn[r] += q0.x*x[0] + q0.y*x[1] + q0.z*x[2] + q0.w*x[3] + q1.x*x[4] + q1.y*x[5] + q1.z*x[6] + q1.w*x[7];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const long long d = (long long) rpq[r] - pw;
+                if (d >= 0 && d < a.window) {
+                    sc[r] = sn[r];
+                }
+            }
+        }
+
+        // softcap, mask, online softmax of the chunk
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float x = sc[r];
+            if (a.softcap != 0.0f) {
+                x = a.softcap*tanhf(x);
+            }
+            float mv = -INFINITY;
+            if (ok && r < a.rows) {
+                mv = a.mask ? rsl[r]*__half2float(a.mask[moff[r] + c]) : 0.0f;
+            }
+            x = mv == -INFINITY ? -INFINITY : x + mv;
+            float mx = x;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o));
+            }
+            const float Mn    = fmaxf(M[r], mx);
+            const float alpha = Mn == -INFINITY ? 1.0f : expf(M[r] - Mn);
+            const float p     = Mn == -INFINITY ? 0.0f : expf(x - Mn);
+            M[r] = Mn;
+            L[r] = L[r]*alpha + p;
+#pragma unroll
+            for (int n = 0; n < VN; ++n) {
+                O[r][n] *= alpha;
+            }
+            Pw[lane*R + r] = p;
+        }
+        __syncwarp();
+
+        // O += P . V, the lanes over the head dim
+        const int nc = min(32, a.n_kv - c0);
+#pragma unroll 4
+        for (int j = 0; j < nc; ++j) {
+            float v[VN];
+            dpe_loadf<KV_T, VN>(vbase + (int64_t) (c0 + j)*a.v_nb1, lane*VN, v);
+#pragma unroll
+            for (int r = 0; r < R; r += 4) {
+                const float4 p = *(const float4 *) (Pw + j*R + r);
+#pragma unroll
+                for (int n = 0; n < VN; ++n) {
+                    O[r + 0][n] += p.x*v[n];
+                    O[r + 1][n] += p.y*v[n];
+                    O[r + 2][n] += p.z*v[n];
+                    O[r + 3][n] += p.w*v[n];
+                }
+            }
+        }
+        __syncwarp(); // P is rewritten by the next chunk
+    }
+
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            L[r] += __shfl_xor_sync(0xffffffff, L[r], o);
+        }
+    }
+
+    // merge the warps' partials into warp 0
+    __syncthreads(); // every warp is done with Q and P, which Ob overwrites
+    if (warp > 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+            for (int n = 0; n < VN; ++n) {
+                Ob[((warp - 1)*R + r)*D + lane*VN + n] = O[r][n];
+            }
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            ML[warp*R + r] = make_float2(M[r], L[r]);
+        }
+    }
+    __syncthreads();
+    if (warp > 0) {
+        return;
+    }
+
+    const int n_rows_all = a.n_stream*a.n_tps*a.n_head;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        if (r >= a.rows) {
+            continue;
+        }
+        float Mt = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < NW; ++k) {
+            Mt = fmaxf(Mt, ML[k*R + r].x);
+        }
+        float f[NW];
+        float Lt = 0.0f;
+#pragma unroll
+        for (int k = 0; k < NW; ++k) {
+            const float2 ml = ML[k*R + r];
+            f[k] = ml.x == -INFINITY ? 0.0f : expf(ml.x - Mt);
+            Lt += f[k]*ml.y;
+        }
+        float y[VN];
+#pragma unroll
+        for (int n = 0; n < VN; ++n) {
+            y[n] = f[0]*O[r][n];
+#pragma unroll
+            for (int k = 1; k < NW; ++k) {
+                y[n] += f[k]*Ob[((k - 1)*R + r)*D + lane*VN + n];
+            }
+        }
+        const int i = r/a.G;
+        const int h = hk*a.G + r % a.G;
+        const int64_t row_id = ((int64_t) s*a.n_tps + i)*a.n_head + h;
+        if (a.n_split == 1) {
+            const float fs  = a.sinks ? dpe_add_sink(Mt, Lt, a.sinks[h]) : 1.0f;
+            const float inv = Lt == 0.0f ? 0.0f : fs/Lt;
+#pragma unroll
+            for (int n = 0; n < VN; ++n) {
+                a.dst[row_id*D + lane*VN + n] = y[n]*inv;
+            }
+        } else {
+            const int64_t p = (int64_t) blockIdx.z*n_rows_all + row_id;
+#pragma unroll
+            for (int n = 0; n < VN; ++n) {
+                a.part[p*D + lane*VN + n] = y[n];
+            }
+            if (lane == 0) {
+                a.meta[p] = make_float2(Mt, Lt);
+            }
+        }
+    }
+#else
+    GGML_UNUSED(a);
+    NO_DEVICE_CODE;
+#endif
+}
+
 // the splits' partials of one row merged exactly, then the sink and the normalisation
 static __global__ void dpe_fattn_combine(const float * part, const float2 * meta, const float * sinks, float * dst,
                                          const int D, const int n_rows_all, const int n_split, const int n_head) {
@@ -659,36 +1102,32 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
     }
 }
 
-template <int D, int KT, int NWQ, int NWK, ggml_type KV_T>
-static void dpe_fattn_launch(ggml_backend_cuda_context & ctx, dpe_fa_args a) {
-    using SM = dpe_fa_smem<D, KT, NWQ, NWK>;
-    auto kernel = dpe_fattn<D, KT, NWQ, NWK, KV_T>;
-    const int    nthreads = 32*NWQ*NWK;
-    const size_t smem     = SM::bytes;
-    const int    id       = ggml_cuda_get_device();
-
-    static bool prepared[GGML_CUDA_MAX_DEVICES] = { false };
-    static int  occupancy[GGML_CUDA_MAX_DEVICES] = { 0 };
-    if (!prepared[id]) {
+// Runs one of the kernels over grid_x row blocks of every (KV head, stream), its n_units units of cells (tiles or
+// chunks) split across blocks when the row blocks alone leave SMs idle, each split at least min_units units; then
+// merges the splits (dpe_fattn_combine).
+// occ: the kernel's own cache of its blocks per SM, per device (set on its first launch there).
+template <typename K>
+static void dpe_fattn_run(ggml_backend_cuda_context & ctx, dpe_fa_args a, K kernel, int (&occ)[GGML_CUDA_MAX_DEVICES],
+                          const int nthreads, const size_t smem, const int grid_x, const int n_units,
+                          const int min_units) {
+    const int id = ggml_cuda_get_device();
+    if (occ[id] == 0) {
+        int n = 0;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
-        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy[id], kernel, nthreads, smem));
-        occupancy[id] = occupancy[id] < 1 ? 1 : occupancy[id];
-        prepared[id] = true;
+        CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, nthreads, smem));
+        occ[id] = n < 1 ? 1 : n;
     }
+    const int occupancy = occ[id];
 
-    const int n_tiles = (a.n_kv + KT - 1)/KT;
-    const dim3 grid((a.rows + SM::RT - 1)/SM::RT, a.n_head_kv*a.n_stream, 1);
-    const int64_t blocks_xy = (int64_t) grid.x*grid.y;
-    const int64_t target    = (int64_t) ggml_cuda_info().devices[id].nsm*occupancy[id];
-
-    // split the cells across blocks when the rows alone leave SMs idle, each split at least 2 tiles per group
+    const int64_t blocks_xy = (int64_t) grid_x*a.n_head_kv*a.n_stream;
+    const int64_t target    = (int64_t) ggml_cuda_info().devices[id].nsm*occupancy;
     int n_split = 1;
     if (blocks_xy < target) {
-        const int64_t most = std::max<int64_t>(1, n_tiles/(2*NWK));
+        const int64_t most = std::max<int64_t>(1, n_units/min_units);
         n_split = (int) std::min<int64_t>(most, (target + blocks_xy - 1)/blocks_xy);
     }
-    a.tiles_per_split = (n_tiles + n_split - 1)/n_split;
-    n_split = (n_tiles + a.tiles_per_split - 1)/a.tiles_per_split;
+    a.tiles_per_split = (n_units + n_split - 1)/n_split;
+    n_split = (n_units + a.tiles_per_split - 1)/a.tiles_per_split;
     n_split = n_split < 1 ? 1 : n_split;
     a.n_split = n_split;
 
@@ -696,27 +1135,55 @@ static void dpe_fattn_launch(ggml_backend_cuda_context & ctx, dpe_fa_args a) {
     ggml_cuda_pool_alloc<float>  part(ctx.pool());
     ggml_cuda_pool_alloc<float2> meta(ctx.pool());
     if (n_split > 1) {
-        a.part = part.alloc((size_t) n_split*n_rows_all*D);
+        a.part = part.alloc((size_t) n_split*n_rows_all*a.D);
         a.meta = meta.alloc((size_t) n_split*n_rows_all);
     }
     cudaStream_t stream = ctx.stream();
-    kernel<<<dim3(grid.x, grid.y, n_split), nthreads, smem, stream>>>(a);
+    kernel<<<dim3(grid_x, a.n_head_kv*a.n_stream, n_split), nthreads, smem, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
     if (n_split > 1) {
-        dpe_fattn_combine<<<n_rows_all, D < 128 ? D : 128, 0, stream>>>(a.part, a.meta, a.sinks, a.dst, D, n_rows_all,
-                                                                       n_split, a.n_head);
+        dpe_fattn_combine<<<n_rows_all, a.D < 128 ? a.D : 128, 0, stream>>>(a.part, a.meta, a.sinks, a.dst, a.D,
+                                                                           n_rows_all, n_split, a.n_head);
         CUDA_CHECK(cudaGetLastError());
     }
 }
 
-// decode (at most 16 rows per KV head: one 16-row slice, the cells split over several warps) or prefill
+template <int D, int KT, int NWQ, int NWK, ggml_type KV_T>
+static void dpe_fattn_launch(ggml_backend_cuda_context & ctx, const dpe_fa_args & a) {
+    using SM = dpe_fa_smem<D, KT, NWQ, NWK>;
+    // each split at least 2 tiles per group of warps
+    static int occ[GGML_CUDA_MAX_DEVICES] = {};
+    dpe_fattn_run(ctx, a, dpe_fattn<D, KT, NWQ, NWK, KV_T>, occ, 32*NWQ*NWK, SM::bytes, (a.rows + SM::RT - 1)/SM::RT,
+                  (a.n_kv + KT - 1)/KT, 2*NWK);
+}
+
+template <int D, int R, ggml_type KV_T>
+static void dpe_fattn_vec_launch(ggml_backend_cuda_context & ctx, const dpe_fa_args & a) {
+    GGML_ASSERT(a.rows <= R);
+    // 4 warps, each split at least 2 chunks of 32 cells per warp
+    static int occ[GGML_CUDA_MAX_DEVICES] = {};
+    dpe_fattn_run(ctx, a, dpe_fattn_vec<D, R, KV_T>, occ, 128, dpe_fa_vec_smem<D, R, 4>::bytes, 1, (a.n_kv + 31)/32, 8);
+}
+
+// decode (a few rows per KV head: the vector kernel; up to 16 rows at head dim 256: one 16-row tensor-core slice,
+// the cells split over several warps) or prefill (tensor-core tiles)
 template <int D, ggml_type KV_T>
 static void dpe_fattn_dispatch(ggml_backend_cuda_context & ctx, const dpe_fa_args & a) {
-    constexpr int KT_PREFILL = D <= 128 ? 64 : 32;
-    constexpr int NWK_DECODE = D <= 64 ? 4 : 2;
-    if (a.rows <= 16) {
-        dpe_fattn_launch<D, 32, 1, NWK_DECODE, KV_T>(ctx, a);
+    // KV tiles of 32 cells at head dim 64 (H200: pp4096 0.80 against 0.68 of stock with 64 at depth 8192, one
+    // llama-bench run each, docs/RESULTS.md) and 256 (registers); 64 at head dim 128
+    constexpr int KT_PREFILL = D == 128 ? 64 : 32;
+    constexpr int R_VEC      = D <= 128 ? 16 : 8;
+    if (a.rows <= 4) {
+        dpe_fattn_vec_launch<D, 4, KV_T>(ctx, a);
+    } else if (a.rows <= R_VEC) {
+        dpe_fattn_vec_launch<D, R_VEC, KV_T>(ctx, a);
     } else {
+        if constexpr (R_VEC < 16) {
+            if (a.rows <= 16) {
+                dpe_fattn_launch<D, 32, 1, 2, KV_T>(ctx, a);
+                return;
+            }
+        }
         dpe_fattn_launch<D, KT_PREFILL, 4, 1, KV_T>(ctx, a);
     }
 }
@@ -810,6 +1277,7 @@ void ggml_cuda_op_dpe_flash_attn(ggml_backend_cuda_context & ctx, ggml_tensor * 
     a.n_win     = (int) kw->ne[1];
     a.G         = a.n_head/a.n_head_kv;
     a.rows      = a.n_tps*a.G;
+    a.D         = (int) k->ne[0];
 
     const float * op = (const float *) dst->op_params;
     const float max_bias = op[GGML_DPE_FATTN_P_MAX_BIAS];
