@@ -1,7 +1,7 @@
 """Passkey retrieval through the patched llama.cpp: stock vs DPE GGUFs, side by side.
 
-The classic filler ("The grass is green. ..."), a 5-digit key at evenly spaced depths, greedy
-decoding; a trial passes when the first generated tokens contain the key (dpe-spec.md section 6).
+The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaltasks: the classic filler, a 5-digit key)
+at evenly spaced depths, greedy decoding; a trial passes when the first generated tokens contain the key.
 Prompts are text, sized with the model's tokenizer; the runner is llama-completion (what users run).
 
     python bench/passkey.py MODEL.gguf [MODEL.dpe.gguf ...] --lengths 16384,32768 --depths 5 --ngl 99
@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-        "I will quiz you about the important information there.\n\n")
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\n\nWhat is the pass key? The pass key is"
-
 
 def count_tokens(model: str):
     """A function text -> number of tokens, with the model's own tokenizer (patched libllama)."""
@@ -34,25 +26,15 @@ def count_tokens(model: str):
     return lambda s: len(llm.tokenize(s.encode(), add_bos=False))
 
 
-def passkey_prompt(n_tokens: int, depth: float, key: int, count) -> str:
-    """About n_tokens of filler with the key's sentence at relative depth `depth`."""
-    needle = NEEDLE.format(key=key)
-    per_filler = count(FILLER * 64) / 64
-    budget = n_tokens - count(TASK) - count(needle) - count(QUESTION) - 2
-    n_fill = max(int(budget / per_filler), 1)
-    at = int(round(n_fill * depth))
-    return TASK + FILLER * at + needle + FILLER * (n_fill - at) + QUESTION
-
-
 def make_trials(lengths, depths: int, seed: int, count) -> list[dict]:
-    rng = random.Random(seed)
+    """The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaltasks), `depths` evenly spaced depths per length."""
+    from dpe_gguf import evaltasks
     trials = []
     for n in lengths:
         for d in range(depths):
             depth = d / max(depths - 1, 1)
-            key = rng.randint(10000, 99999)
-            trials.append(dict(length=n, depth=round(depth, 2), key=key,
-                               prompt=passkey_prompt(n, depth, key, count)))
+            sample = evaltasks.make_sample("passkey", n, depth, seed, count, index=d)
+            trials.append(dict(length=n, depth=round(depth, 2), key=int(sample.answers[0]), prompt=sample.prompt))
     return trials
 
 

@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from dpe_gguf import evaltasks
+from dpe_gguf import evaltasks, paths
 from dpe_gguf.errors import DPEError
+from dpe_gguf.gguf_stream import write_atomic
 from dpe_gguf.model_info import has_dpe, open_reader, read_model_info
 from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.selection import quiet_llama_log
@@ -144,11 +145,7 @@ class Calibration:
         return None if self.scores is None else np.asarray(self.scores, dtype=np.float64)
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        tmp.replace(path)
-        return path
+        return write_atomic(Path(path), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
     def load(cls, path: Path) -> "Calibration":
@@ -172,7 +169,7 @@ def file_sha256(path: Path) -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DPE_GGUF_CACHE") or Path.home() / ".cache" / "dpe-gguf") / "calibration"
+    return paths.cache_root("calibration")
 
 
 class _Cache:
@@ -188,9 +185,8 @@ class _Cache:
     def put(self, key: str, value) -> None:
         self.data[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1).encode(),
+                     remedy="set DPE_GGUF_CACHE to a writable folder")
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -215,7 +211,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
            quiet: bool = False) -> "Detection":
     """Per-group divisors by the section-4 sweep (after a uniform sweep choosing the background
     divisor when ``s.background == "uniform"``)."""
-    from dpe_gguf.runtime import RunSettings, Server
+    from dpe_gguf.runtime import RunSettings, Server, context_cap_args
     info = read_model_info(model)
     L = info.context_length
     check_extension(s.target, s.window, L)
@@ -225,7 +221,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     prior = background_divisor(s.target, L)
     settings = RunSettings(ngl=s.ngl, flash_attn=s.flash_attn, threads=s.threads)
     n_ctx = s.target + max(evaltasks.MAX_TOKENS[t] for t in s.tasks) + 64
-    ctx_args = ["--override-kv", f"{info.arch}.context_length=int:{n_ctx}"]
+    ctx_args = context_cap_args(info.arch, n_ctx)
     if s.ngl == 0:
         _say("detection runs on the CPU: prompts of this length take minutes each; a CUDA build "
              f"(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)

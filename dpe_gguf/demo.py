@@ -12,7 +12,9 @@ from dpe_gguf import evaltasks
 from dpe_gguf.convert import convert
 from dpe_gguf.models import default_model
 from dpe_gguf.params import DPEParams
-from dpe_gguf.runtime import RunSettings, Server, default_ngl, env_threads
+from dpe_gguf.model_info import read_model_info
+from dpe_gguf.paths import cache_root
+from dpe_gguf.runtime import RunSettings, Server, context_cap_args, default_ngl, env_threads
 
 # Hand-picked groups (window 1024, divisors 2..16 from the fastest to the slowest frequencies): on the
 # H100 this table retrieves 20/20, 19/20 and 16/20 pass keys at 8k, 16k and 32k where stock llama.cpp
@@ -23,8 +25,7 @@ DEMO_PARAMS = DPEParams(window=1024, group_scales=DEMO_SCALES, target_context=65
 
 
 def cache_dir() -> Path:
-    import os
-    return Path(os.environ.get("DPE_GGUF_CACHE") or Path.home() / ".cache" / "dpe-gguf") / "demo"
+    return cache_root("demo")
 
 
 def demo_model(progress: bool = True) -> Path:
@@ -52,7 +53,7 @@ def run_demo(length: int | None = None, depth: float = 0.5, seed: int = 0, ngl: 
     sample = None
     # llama-server caps a slot at the model's trained context; both runs get the same raised limit
     # (metadata only: RoPE is unchanged), so stock fails on its merits, not on the cap
-    ctx_args = ["--override-kv", f"llama.context_length=int:{n_ctx}"]
+    ctx_args = context_cap_args(read_model_info(dpe).arch, n_ctx)
     for name, args in (("stock llama.cpp", ["--dpe", "off"]), ("DPE", [])):
         with Server(dpe, n_ctx, args + ctx_args, settings) as srv:
             if sample is None:

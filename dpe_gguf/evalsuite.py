@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import io
 import shutil
 import sys
 import threading
@@ -33,8 +33,10 @@ from typing import Any, Callable, Iterable
 
 from dpe_gguf import evaltasks
 from dpe_gguf.errors import DPEError
+from dpe_gguf.gguf_stream import write_atomic
 from dpe_gguf.model_info import ModelInfo, has_dpe, open_reader, read_model_info
-from dpe_gguf.runtime import RunSettings, Server, perplexity
+from dpe_gguf.paths import cache_root
+from dpe_gguf.runtime import RunSettings, Server, context_cap_args, perplexity
 
 METHODS = ("vanilla", "linear", "ntk", "yarn", "selfextend", "dpe")
 TASKS = (*evaltasks.TASKS, "ppl")
@@ -120,9 +122,7 @@ class Methods:
         """llama-server caps a slot at the model's trained context (upstream, every method alike);
         raising the context_length metadata lifts the cap and changes no RoPE math (YaRN gets its
         original context explicitly)."""
-        if n_ctx <= self.info.context_length:
-            return []
-        return ["--override-kv", f"{self.info.arch}.context_length=int:{n_ctx}"]
+        return context_cap_args(self.info.arch, n_ctx, self.info.context_length)
 
     def plain(self) -> tuple[Path, list[str]]:
         return self.model, (["--dpe", "off"] if self.input_has_dpe else [])
@@ -191,8 +191,7 @@ class EvalConfig:
     text: Path | None = None
     se_window: int = 1024
     settings: RunSettings = field(default_factory=RunSettings)
-    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("DPE_GGUF_CACHE")
-                                                         or Path.home() / ".cache" / "dpe-gguf"))
+    cache_dir: Path = field(default_factory=cache_root)
     ppl_chunks: int = 1
     parallel: int = 1        # methods run at the same time (each its own llama-server)
     dpe_label: str = "dpe"   # method dpe's name in rows and tables (tell two DPE tables apart in one report)
@@ -404,12 +403,10 @@ def plot(summary: dict, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))   # room on the right for the legend
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(path), png.getvalue())
 
 
 def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
@@ -417,11 +414,7 @@ def write_json(path: Path, cfg: EvalConfig, rows: list[dict]) -> Path:
                 tasks=cfg.tasks, lengths=cfg.lengths, methods=[cfg.label(m) for m in cfg.methods], trials=cfg.trials,
                 seed=cfg.seed, text=str(cfg.text) if cfg.text else None, se_window=cfg.se_window,
                 parallel=cfg.parallel, settings=asdict(cfg.settings))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(config=meta, rows=rows), indent=1))
-    tmp.replace(path)
-    return path
+    return write_atomic(Path(path), json.dumps(dict(config=meta, rows=rows), indent=1).encode())
 
 
 def load_rows(path: Path) -> list[dict]:

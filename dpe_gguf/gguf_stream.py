@@ -179,9 +179,10 @@ def _buffer() -> bytearray:
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path, needed_bytes: int = 0) -> Iterator[BinaryIO]:
+def atomic_output(out: Path, needed_bytes: int = 0, remedy: str = "choose another -o") -> Iterator[BinaryIO]:
     """Yield an unbuffered file in ``out``'s folder; on success fsync it and rename it to ``out``.
-    On any error or interruption the temporary file is removed and ``out`` is left untouched."""
+    On any error or interruption the temporary file is removed and ``out`` is left untouched.
+    ``remedy``: what the error messages tell the user to do instead."""
     folder = out.parent
     if needed_bytes:
         try:
@@ -190,12 +191,11 @@ def atomic_output(out: Path, needed_bytes: int = 0) -> Iterator[BinaryIO]:
             free = None
         if free is not None and free < needed_bytes:
             raise DPEError(f"{folder}: not enough free disk space for {out.name} (need about "
-                           f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free); free space or choose "
-                           "another -o")
+                           f"{needed_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free); free space or {remedy}")
     try:
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".part")
     except OSError as e:
-        raise DPEError(f"{out}: cannot write in {folder} ({e.strerror or e}); choose another -o") from None
+        raise DPEError(f"{out}: cannot write in {folder} ({e.strerror or e}); {remedy}") from None
     tmp = Path(tmp_name)
     done = False
     try:
@@ -217,6 +217,14 @@ def atomic_output(out: Path, needed_bytes: int = 0) -> Iterator[BinaryIO]:
         if not done:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+def write_atomic(out: Path, data: bytes, remedy: str = "choose another -o") -> Path:
+    """``data`` as the whole of ``out``, through :func:`atomic_output` (all of it or nothing)."""
+    out = Path(out)
+    with atomic_output(out, remedy=remedy) as f:
+        f.write(data)
+    return out
 
 
 def _fsync_dir(folder: Path) -> None:

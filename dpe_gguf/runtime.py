@@ -60,6 +60,15 @@ class RunSettings:
         return a
 
 
+def context_cap_args(arch: str, n_ctx: int, trained: int | None = None) -> list[str]:
+    """llama.cpp's programs cap a context (llama-server a slot) at the model's trained context. The
+    override of ``{arch}.context_length`` lifts the cap and changes no RoPE math (YaRN reads its original
+    context separately); nothing when ``n_ctx`` fits the trained context ``trained``."""
+    if trained is not None and n_ctx <= trained:
+        return []
+    return ["--override-kv", f"{arch}.context_length=int:{n_ctx}"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
