@@ -1,7 +1,7 @@
 #pragma once
 
 // DPE (dimension-wise positional embeddings, arXiv 2504.18857) for ggml: the position-delta rotation.
-// Spec: docs/dpe-spec.md section 3; design: docs/engine-design.md section 1.
+// Design: docs/design.md sections 3 (the math) and 6 (the engine).
 
 #include "ggml.h"
 

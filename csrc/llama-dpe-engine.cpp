@@ -1,7 +1,7 @@
-// dpe-gguf: DPE inside llama.cpp (dpe-spec.md section 3). Compiled into libllama; called from the hooks
+// dpe-gguf: DPE inside llama.cpp (docs/design.md section 3). Compiled into libllama; called from the hooks
 // in patches/0004-llama-dpe-engine.patch (declarations: llama-dpe-impl.h).
 //
-// Design (docs/engine-design.md sections 1-3):
+// Design (docs/design.md section 6):
 //
 // - The KV cache stores far keys. A far key depends on its own cell only,
 //   k_far(j) = rotate(k(j), (P_k(j, sigma) - j) * theta_f), so llama_dpe_build_qk rotates the ubatch's new keys

@@ -1,4 +1,4 @@
-"""Automatic DPE calibration (dpe-spec.md section 4): key-frequency selection and per-group effective
+"""Automatic DPE calibration (docs/design.md section 4): key-frequency selection and per-group effective
 lengths, both measured through the patched llama.cpp.
 
 1. Selection: :func:`dpe_gguf.selection.key_scores` on ordinary text (the shipped haystack or
@@ -47,7 +47,7 @@ from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.selection import quiet_llama_log
 
 CALIBRATION_VERSION = 1
-DEFAULT_GROUPS = 8        # G, dpe-spec.md section 2
+DEFAULT_GROUPS = 8        # G, docs/design.md section 2
 DETECTION_TASKS = ("multi_needle", "passkey")   # one answer each, what the log-probability score needs
 
 
@@ -98,7 +98,7 @@ def background_divisor(target: int, L: int) -> int:
 
 def default_window(L: int) -> int:
     """The local window when none is given: the spec's 1024, or L/8 for models trained on fewer
-    than 8192 tokens (dpe-spec.md section 2: always below L)."""
+    than 8192 tokens (docs/design.md section 2: always below L)."""
     return min(1024, L // 8)
 
 

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure DPE parameters for a model (selection + detection)",
                        description="Key-frequency selection on ordinary text and per-group effective lengths "
                                    "by a multi-needle sweep at the target length, both through the patched "
-                                   "llama.cpp (dpe-spec.md section 4). Results are cached by model sha256 "
+                                   "llama.cpp (docs/design.md section 4). Results are cached by model sha256 "
                                    "and settings; an interrupted run resumes.")
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--target-context", type=int, required=True, metavar="T", help="context to calibrate for")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, metavar="N", help="prompts per task per candidate (default 5, quick 2)")
     p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
     p.add_argument("--background", choices=("fixed", "uniform"), default="fixed",
-                   help="what the other groups hold while one is swept: fixed = 2T/L (dpe-spec section 4, "
+                   help="what the other groups hold while one is swept: fixed = 2T/L (docs/design.md section 4, "
                         "default); uniform = the best uniform divisor, found by a first sweep of uniform tables")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
                    help="measure N candidate tables at once, each its own llama.cpp context (a GPU has room "

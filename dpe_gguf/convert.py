@@ -1,4 +1,4 @@
-"""Turn a RoPE GGUF into a DPE GGUF and back (dpe-spec.md section 5), and describe one.
+"""Turn a RoPE GGUF into a DPE GGUF and back (docs/design.md section 5), and describe one.
 
 ``convert`` copies every tensor of the input as raw bytes (never dequantized) and every metadata key
 (same order, type and value), then appends the ``dpe.*`` keys and the ``rope_dpe.weight`` table.
@@ -8,9 +8,9 @@ it at the end, so an interrupted run leaves no partial output; the input is neve
 
 Scores file (``scores=`` / ``--scores FILE``): a NumPy ``.npy`` file (``numpy.save``) holding one
 real, finite contribution per (layer, KV head, frequency) (higher = more important), shape
-``(n_layer, n_head_kv, F)`` with ``F = n_rot / 2`` and frequency ``f`` as in dpe-spec.md section 1.
+``(n_layer, n_head_kv, F)`` with ``F = n_rot / 2`` and frequency ``f`` as in docs/design.md section 1.
 Query-head scores of shape ``(n_layer, n_head, F)`` are accepted too and folded into their KV head
-by summing each group of ``n_head / n_head_kv`` consecutive query heads (dpe-spec.md section 4).
+by summing each group of ``n_head / n_head_kv`` consecutive query heads (docs/design.md section 4).
 With ``topk = K`` each (layer, KV head) keeps its K highest-scoring frequencies (ties: lower ``f``
 wins); the other frequencies get divisor 1.
 """

@@ -1,4 +1,4 @@
-"""DPE parameters and the divisor table (dpe-spec.md sections 2, 3 and 5).
+"""DPE parameters and the divisor table (docs/design.md sections 2, 3 and 5).
 
 The table is ``sigma(l, h, f) = s[g(f)]`` if frequency ``f`` is selected for layer ``l``,
 KV head ``h``, else 1, with the group of ``f`` being ``g(f) = floor(f * G / F)``.
@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import DPEError
 
-# The GGUF contract, dpe-spec.md section 5.
+# The GGUF contract, docs/design.md section 5.
 DPE_VERSION = 1
 KEY_VERSION = "dpe.version"
 KEY_WINDOW = "dpe.window"
@@ -149,7 +149,7 @@ def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
 
 def fold_query_heads(scores: np.ndarray, n_head_kv: int) -> np.ndarray:
     """Fold query-head scores ``(n_layer, n_head, F)`` into KV heads ``(n_layer, n_head_kv, F)`` by
-    summing each group of ``n_head / n_head_kv`` consecutive query heads (dpe-spec.md section 4)."""
+    summing each group of ``n_head / n_head_kv`` consecutive query heads (docs/design.md section 4)."""
     n_layer, n_head, n_freq = scores.shape
     if n_head % n_head_kv:
         raise DPEError(f"cannot fold {n_head} query heads into {n_head_kv} KV heads")

@@ -1,4 +1,4 @@
-"""A plain PyTorch reference of DPE (dpe-spec.md sections 1-3) on the weights of a GGUF file.
+"""A plain PyTorch reference of DPE (docs/design.md sections 1-3) on the weights of a GGUF file.
 
 This is the yardstick the llama.cpp engine is judged by, so it is written to be read: one
 function per concept of the spec, in the spec's order and names.

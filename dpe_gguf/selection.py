@@ -1,4 +1,4 @@
-"""Key-frequency selection (dpe-spec.md section 4, second bullet), measured through the patched llama.cpp.
+"""Key-frequency selection (docs/design.md section 4, selection), measured through the patched llama.cpp.
 
     texts = calibration_texts(n_samples=4, n_chars=12000, seed=0)   # shipped text, ~2.7k tokens each
     scores = key_scores("model.gguf", texts, n_tokens=2048)         # (n_layer, n_head_kv, F) float64

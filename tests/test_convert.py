@@ -1,4 +1,4 @@
-"""dpe-gguf convert / inspect / strip: the DPE GGUF contract (dpe-spec.md sections 2, 3 and 5)."""
+"""dpe-gguf convert / inspect / strip: the DPE GGUF contract (docs/design.md sections 2, 3 and 5)."""
 from __future__ import annotations
 
 import hashlib

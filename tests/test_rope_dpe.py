@@ -1,4 +1,4 @@
-"""GGML_OP_ROPE_DPE (csrc/ggml-dpe.h) against a float64 NumPy reference of dpe-spec.md section 3.
+"""GGML_OP_ROPE_DPE (csrc/ggml-dpe.h) against a float64 NumPy reference of docs/design.md section 3.
 
 The op rotates vectors that ordinary RoPE already rotated at position `pos` so that frequency f ends
 up at DPE's position P(pos, sigma): key P_k(j, s) = floor(j/s), query P_q(i, s) = floor(i/s) + w - floor(w/s).

@@ -1,4 +1,4 @@
-"""Key-frequency selection (dpe-spec.md section 4) through the patched llama.cpp (dpe_gguf.selection).
+"""Key-frequency selection (docs/design.md section 4) through the patched llama.cpp (dpe_gguf.selection).
 
 The scores of tiny random llama (NORMAL rope) and qwen2 (NEOX rope, q/k/v biases) models are judged
 against c(l, q, f) computed from the pre-RoPE queries and keys of the float64 PyTorch reference

@@ -88,7 +88,7 @@ def export_gguf(model, path, qtype: str = "F32", name: str | None = None, *, dpe
 
     qtype: "F32", or "Q8_0" for every 2-D weight (norms and biases stay F32).
     dpe: optional (table, window, group_scales): also write the DPE keys and `rope_dpe.weight`
-    of dpe-spec.md section 5 (table: float32 (n_layer, n_head_kv, F)).
+    of docs/design.md section 5 (table: float32 (n_layer, n_head_kv, F)).
     rope_freqs: optional per-frequency factors (tensor `rope_freqs.weight`);
     rope_scaling: optional (type, factor) written as rope.scaling.type / rope.scaling.factor.
     (transformers ignores these two; llama.cpp and the DPE reference honour them.)
