@@ -143,6 +143,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise DPEError(f"{out} exists; pass --force to overwrite it")
     scales = _parse_scales(args.scales) if args.scales else None
+    args.kept_on_interrupt = "the scores measured so far are cached; the same command resumes from them"
     cal = calibrate(args.model, args.target_context, window=args.window, topk=args.topk, n_groups=args.groups,
                     text=Path(args.text) if args.text else None, trials=args.trials, seed=args.seed,
                     quick=args.quick, ngl=args.ngl, scales=scales, select_frequencies=not args.no_select,
@@ -235,6 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def save(row: dict) -> None:
         rows.append(row)
         E.write_json(json_path, cfg, rows)  # partial results survive an interruption
+        args.kept_on_interrupt = f"the rows finished so far are in {json_path}"
     rows = E.run_eval(cfg, on_row=save, progress=not args.quiet)   # in table order (methods may finish in any order)
     E.write_json(json_path, cfg, rows)
     summary = E.summarize(rows)
@@ -485,7 +487,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        # a verb that keeps partial output sets args.kept_on_interrupt to say what and where
+        kept = getattr(args, "kept_on_interrupt", None)
+        print(f"{PROG}: interrupted; {kept or 'nothing was written'}", file=sys.stderr)
         return 130
 
 

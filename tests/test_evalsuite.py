@@ -427,6 +427,24 @@ def test_cli_eval_end_to_end(tiny, tmp_path, eval_cache, capsys):
     assert out.with_suffix(".json").read_bytes() == before
 
 
+def test_cli_eval_interrupted_keeps_the_finished_rows(tiny, tmp_path, eval_cache, capsys, monkeypatch):
+    """Ctrl-C during `eval` after some rows: the message names the JSON that holds them (it is not "nothing
+    was written"), and the file holds those rows."""
+    def run_two_then_stop(cfg, on_row, progress):
+        for trial in range(2):
+            on_row(dict(method="vanilla", length=512, task="passkey", trial=trial, score=1.0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "run_eval", run_two_then_stop)
+    out = tmp_path / "partial"
+    argv = ["eval", str(tiny[0]), "--tasks", "passkey", "--lengths", "512", "--trials", "2", "--methods", "vanilla",
+            "--out", str(out), "-q"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written" not in err and str(out.with_suffix(".json")) in err, err
+    assert [r["trial"] for r in json.loads(out.with_suffix(".json").read_text())["rows"]] == [0, 1]
+
+
 def test_cli_eval_unknown_task(tiny, tmp_path, eval_cache, capsys):
     argv = ["eval", str(tiny[0]), "--tasks", "passkey,haystack", "--lengths", "512", "--trials", "1",
             "--methods", "vanilla", "--out", str(tmp_path / "bad"), "-q"]
