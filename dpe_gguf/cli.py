@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad usage or a :class:`DPEError` (message ``dpe-gguf: e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -114,10 +115,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
             check_output(args.input, args.output, args.force)
             scores, measured = measure_selection(args.input, args.topk, args.quiet)
-            params = DPEParams(**{**params.__dict__,
-                                  "calibration": f"dpe-gguf convert: given group scales; {measured}"})
+            params = dataclasses.replace(params, calibration=f"dpe-gguf convert: given group scales; {measured}")
     if args.calibration:
-        params = DPEParams(**{**params.__dict__, "calibration": args.calibration})
+        params = dataclasses.replace(params, calibration=args.calibration)
     out = convert(args.input, args.output, params=params, scores=scores, force=args.force,
                   progress=not args.quiet)
     if not args.quiet:
