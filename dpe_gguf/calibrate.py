@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shlex
 import shutil
 import sys
@@ -44,7 +43,7 @@ from dpe_gguf.errors import DPEError
 from dpe_gguf.gguf_stream import write_atomic
 from dpe_gguf.model_info import has_dpe, open_reader, read_model_info
 from dpe_gguf.params import DPEParams, topk_mask
-from dpe_gguf.selection import quiet_llama_log
+from dpe_gguf.llama_session import LlamaSession, quiet_llama_log
 
 CALIBRATION_VERSION = 1
 DEFAULT_GROUPS = 8        # G, docs/design.md section 2
@@ -316,78 +315,37 @@ def answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool
     prompt (" " + answer, as the prompts end with "is:"), run by the patched llama.cpp.
 
     A graded score: it separates candidate tables that retrieve equally often."""
-    with quiet_llama_log():
-        return _answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)
+    with LlamaSession(model, n_gpu_layers=ngl) as session:
+        session.open_context(n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, flash_attn=flash_attn)
+        nb = session.n_batch
+        per_sample = []
+        for x in samples:
+            prompt = session.tokenize(x.prompt)
+            answer = session.tokenize(" " + x.answers[0], add_special=False)
+            ids = prompt + answer
+            if len(ids) > n_ctx:
+                raise DPEError(f"prompt of {len(ids)} tokens does not fit the context of {n_ctx}")
+            first = len(prompt) - 1                  # logits at positions first .. len(ids) - 2
+            session.clear()
+            logp = []
+            for start in range(0, len(ids) - 1, nb):
+                chunk = ids[start:min(start + nb, len(ids) - 1)]
+                if session.decode(chunk, start, [start + j >= first for j in range(len(chunk))]) != 0:
+                    raise DPEError("llama_decode failed while scoring a candidate")
+                for j in range(len(chunk)):
+                    p = start + j
+                    if p >= first:
+                        logits = session.logits(j).astype(np.float64)
+                        m = logits.max()
+                        logp.append(logits[ids[p + 1]] - m - math.log(np.exp(logits - m).sum()))
+            per_sample.append(float(np.mean(logp)))
+        return per_sample
 
 
 def answer_logprob(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
                    n_batch: int = 2048) -> float:
     """The mean of :func:`answer_logprobs` over the samples."""
     return float(np.mean(answer_logprobs(model, samples, n_ctx, ngl, flash_attn, threads, n_batch)))
-
-
-def _answer_logprobs(model: Path, samples, n_ctx: int, ngl: int, flash_attn: bool, threads: int | None,
-                     n_batch: int) -> list[float]:
-    import llama_cpp
-
-    from dpe_gguf.selection import free_llama, tokenize
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = int(ngl)
-    lmodel = ctx = batch = None
-    try:
-        lmodel = llama_cpp.llama_model_load_from_file(str(model).encode(), mparams)
-        if not lmodel:
-            raise DPEError(f"{model}: llama.cpp could not load the model")
-        vocab = llama_cpp.llama_model_get_vocab(lmodel)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = min(n_batch, n_ctx)
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
-        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
-        if not ctx:
-            raise DPEError(f"{model}: llama.cpp could not create a context of {n_ctx} tokens")
-        memory = llama_cpp.llama_get_memory(ctx)
-        nb = cparams.n_batch
-        batch = llama_cpp.llama_batch_init(nb, 0, 1)
-        per_sample = []
-        for x in samples:
-            prompt = tokenize(llama_cpp, vocab, x.prompt)
-            answer = tokenize(llama_cpp, vocab, " " + x.answers[0], add_special=False)
-            ids = prompt + answer
-            if len(ids) > n_ctx:
-                raise DPEError(f"prompt of {len(ids)} tokens does not fit the context of {n_ctx}")
-            first = len(prompt) - 1                  # logits at positions first .. len(ids) - 2
-            llama_cpp.llama_memory_clear(memory, True)
-            logp = []
-            for start in range(0, len(ids) - 1, nb):
-                chunk = ids[start:min(start + nb, len(ids) - 1)]
-                for j, t in enumerate(chunk):
-                    batch.token[j] = t
-                    batch.pos[j] = start + j
-                    batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = 0
-                    batch.logits[j] = start + j >= first
-                batch.n_tokens = len(chunk)
-                if llama_cpp.llama_decode(ctx, batch) != 0:
-                    raise DPEError("llama_decode failed while scoring a candidate")
-                for j in range(len(chunk)):
-                    p = start + j
-                    if p >= first:
-                        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, j),
-                                                       shape=(n_vocab,)).astype(np.float64)
-                        m = logits.max()
-                        logp.append(logits[ids[p + 1]] - m - math.log(np.exp(logits - m).sum()))
-            per_sample.append(float(np.mean(logp)))
-        return per_sample
-    finally:
-        free_llama(llama_cpp, batch, ctx, lmodel)
 
 
 def as_good(best: list[float], other: list[float], z: float = 2.0) -> bool:

@@ -35,7 +35,7 @@ def gpu_present() -> tuple[bool, str]:
         return False, "no GPU (this build has no CUDA)"
     import llama_cpp
 
-    from dpe_gguf.selection import quiet_llama_log
+    from dpe_gguf.llama_session import quiet_llama_log
     with quiet_llama_log():
         llama_cpp.llama_backend_init()
         if not llama_cpp.llama_supports_gpu_offload():

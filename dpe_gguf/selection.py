@@ -34,12 +34,12 @@ import ctypes
 import os
 import random
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DPEError
+from .llama_session import LlamaSession
 from .model_info import ModelInfo, has_dpe, open_reader
 from .params import fold_query_heads
 
@@ -212,31 +212,6 @@ class _Capture:
         self.tokens[il] += T
 
 
-def tokenize(llama_cpp, vocab, text: str, add_special: bool = True, limit: int | None = None) -> list[int]:
-    """Token ids of `text` through llama.cpp's low-level API (BOS as the vocabulary says when
-    `add_special`), at most `limit` of them."""
-    data = text.encode("utf-8")
-    cap = len(data) + 8
-    arr = (llama_cpp.llama_token * cap)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), arr, cap, add_special, False)
-    if n < 0:
-        raise DPEError(f"tokenization failed ({n})")
-    return list(arr[:n if limit is None else min(n, limit)])
-
-
-@contextmanager
-def quiet_llama_log():
-    """llama.cpp's log (routed through llama_cpp's Python logger) silenced, then restored: nests, and
-    threads inside one outer use leave it as it was."""
-    import llama_cpp._logger as llama_logger
-    saved = llama_logger.logger.level
-    llama_logger.set_verbose(False)
-    try:
-        yield
-    finally:
-        llama_logger.logger.setLevel(saved)
-
-
 def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_layers: int = 0,
                progress: bool = True, *, n_threads: int | None = None, n_ubatch: int = 512,
                f32_attention: bool = False) -> np.ndarray:
@@ -270,71 +245,31 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
     cap.callback = llama_cpp.ggml_backend_sched_eval_callback(cap)
     totals = np.zeros((info.n_layer, info.n_head, info.n_freq), dtype=np.float64)
 
-    llama_cpp.llama_backend_init()
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.n_gpu_layers = int(n_gpu_layers)
-    kvo = None
-    if dpe_file:
-        kvo = (llama_cpp.llama_model_kv_override * 2)()
-        kvo[0].key = b"dpe.window"
-        kvo[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-        kvo[0].value.val_i64 = 0
-        kvo[1].key = b"\0"
-        mparams.kv_overrides = kvo
-    with quiet_llama_log():
-        lmodel = ctx = batch = None
-        bar = None
-        try:
-            lmodel = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-            if not lmodel:
-                raise DPEError(f"{path}: llama.cpp could not load the model")
-            vocab = llama_cpp.llama_model_get_vocab(lmodel)
+    bar = None
+    try:
+        with LlamaSession(path, n_gpu_layers=n_gpu_layers,
+                          kv_overrides={"dpe.window": 0} if dpe_file else None) as session:
             token_lists = []
             for i, text in enumerate(texts):
                 if not isinstance(text, str):
                     raise DPEError(f"text {i} is not a string")
-                ids = tokenize(llama_cpp, vocab, text, limit=n_tokens)
+                ids = session.tokenize(text, limit=n_tokens)
                 if len(ids) < MIN_TOKENS:
                     raise DPEError(f"calibration text {i} has {len(ids)} tokens; each text needs at least "
                                    f"{MIN_TOKENS} (give longer samples)")
                 token_lists.append(ids)
-
-            n_ctx = max(len(ids) for ids in token_lists)
-            n_ub = min(n_ubatch, n_ctx)
-            cparams = llama_cpp.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = n_ub          # one ubatch per llama_decode call
-            cparams.n_ubatch = n_ub
-            cparams.n_seq_max = 1
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
-            cparams.no_perf = True
-            if f32_attention:
-                cparams.type_k = cparams.type_v = GGML_TYPE_F32
-                cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            cparams.cb_eval = cap.callback
-            cparams.cb_eval_user_data = None
-            ctx = llama_cpp.llama_init_from_model(lmodel, cparams)
-            if not ctx:
-                raise DPEError(f"{path}: llama.cpp could not create a context of {n_ctx} tokens")
-            memory = llama_cpp.llama_get_memory(ctx)
-            batch = llama_cpp.llama_batch_init(n_ub, 0, 1)
-
+            session.open_context(n_ctx=max(len(ids) for ids in token_lists), n_batch=n_ubatch, n_threads=n_threads,
+                                 flash_attn=False if f32_attention else None,
+                                 type_kv=GGML_TYPE_F32 if f32_attention else None, cb_eval=cap.callback)
+            n_ub = session.n_batch
             if progress:
                 bar = _progress_bar(sum(len(ids) for ids in token_lists))
             for ti, ids in enumerate(token_lists):
                 cap.reset()
-                llama_cpp.llama_memory_clear(memory, True)
+                session.clear()
                 for s in range(0, len(ids), n_ub):
                     chunk = ids[s:s + n_ub]
-                    for j, tok in enumerate(chunk):
-                        batch.token[j] = tok
-                        batch.pos[j] = s + j
-                        batch.n_seq_id[j] = 1
-                        batch.seq_id[j][0] = 0
-                        batch.logits[j] = j == len(chunk) - 1
-                    batch.n_tokens = len(chunk)
-                    rc = llama_cpp.llama_decode(ctx, batch)
+                    rc = session.decode(chunk, s, [j == len(chunk) - 1 for j in range(len(chunk))])
                     if cap.error is not None:
                         raise DPEError(f"reading queries and keys failed: {cap.error}") from cap.error
                     if rc != 0:
@@ -350,21 +285,10 @@ def key_scores(model: str | Path, texts: list[str], n_tokens: int = 2048, n_gpu_
                         f"layer {missing[0]} (architecture {info.arch}); key selection knows the graphs that "
                         "name them Qcur-il / Kcur-il before ggml_rope_ext (llama, qwen2, ...)")
                 totals += cap.sums / len(ids)
-        finally:
-            if bar is not None:
-                bar.close()
-            free_llama(llama_cpp, batch, ctx, lmodel)
+    finally:
+        if bar is not None:
+            bar.close()
     return fold_query_heads(totals / len(token_lists), info.n_head_kv)
-
-
-def free_llama(llama_cpp, batch, ctx, lmodel) -> None:
-    """Free a llama.cpp batch, context and model (each may be missing: a set-up that failed part-way)."""
-    if batch is not None:
-        llama_cpp.llama_batch_free(batch)
-    if ctx:
-        llama_cpp.llama_free(ctx)
-    if lmodel:
-        llama_cpp.llama_model_free(lmodel)
 
 
 def _progress_bar(total: int):

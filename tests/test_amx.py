@@ -24,7 +24,7 @@ from dpe_gguf import DPEParams, convert, native  # noqa: E402
 from dpe_gguf.evaltasks import load_haystack  # noqa: E402
 from dpe_gguf.models import find_default_model  # noqa: E402
 from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
-from dpe_gguf.selection import free_llama  # noqa: E402
+from dpe_gguf.llama_session import LlamaSession  # noqa: E402
 
 WINDOW = 64
 N_TOKENS = 192
@@ -55,26 +55,10 @@ pytestmark = [
 
 def logits(path, tokens, *, repack: bool, n_ubatch: int, n_threads: int) -> np.ndarray:
     """Logits at every position, the prompt fed in ubatches of n_ubatch; repack=False is --no-repack."""
-    mparams = llama_cpp.llama_model_default_params()
-    mparams.use_extra_bufts = repack
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
-    assert model, path
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 256, N_TOKENS, n_ubatch
-    cparams.n_threads = cparams.n_threads_batch = n_threads
-    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
-    try:
-        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-        for i, t in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, True
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = len(tokens)
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(tokens), n_vocab)).astype(np.float64)
-    finally:
-        free_llama(llama_cpp, batch, ctx, model)
+    with LlamaSession(path, repack=repack) as s:
+        s.open_context(n_ctx=256, n_batch=N_TOKENS, n_ubatch=n_ubatch, n_threads=n_threads, flash_attn=False)
+        assert s.decode(tokens, 0, [True] * len(tokens)) == 0
+        return np.stack([s.logits(j).astype(np.float64) for j in range(len(tokens))])
 
 
 @pytest.fixture(scope="module")
