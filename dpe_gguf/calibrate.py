@@ -41,7 +41,7 @@ import numpy as np
 from dpe_gguf import evaltasks, paths
 from dpe_gguf.errors import DPEError
 from dpe_gguf.gguf_stream import write_atomic
-from dpe_gguf.model_info import has_dpe, open_reader, read_model_info
+from dpe_gguf.model_info import read_model_info
 from dpe_gguf.params import DPEParams, topk_mask
 from dpe_gguf.llama_session import LlamaSession, quiet_llama_log
 
@@ -210,7 +210,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
            quiet: bool = False) -> "Detection":
     """Per-group divisors by the section-4 sweep (after a uniform sweep choosing the background
     divisor when ``s.background == "uniform"``)."""
-    from dpe_gguf.runtime import RunSettings, Server, context_cap_args
+    from dpe_gguf.runtime import RunSettings, Server, context_cap_args, token_counter
     info = read_model_info(model)
     L = info.context_length
     check_extension(s.target, s.window, L)
@@ -259,10 +259,8 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
         if not todo:
             return
         if not samples:
-            # tokenized with the model itself (a small server on the stock weights), once
-            with Server(model, 256, ["--dpe", "off"] if has_dpe(open_reader(model)) else [],
-                        RunSettings(ngl=0, flash_attn=False, threads=s.threads)) as tok:
-                count = lambda x: len(tok.tokenize(x))  # noqa: E731
+            # tokenized with the model itself, once
+            with token_counter(model, s.threads) as count:
                 for t in s.tasks:
                     samples.extend(evaltasks.make_samples(t, s.target, s.trials, s.seed, count, split="calibration"))
         from tqdm import tqdm

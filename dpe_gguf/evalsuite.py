@@ -36,7 +36,7 @@ from dpe_gguf.errors import DPEError
 from dpe_gguf.gguf_stream import write_atomic
 from dpe_gguf.model_info import ModelInfo, has_dpe, open_reader, read_model_info
 from dpe_gguf.paths import cache_root
-from dpe_gguf.runtime import RunSettings, Server, context_cap_args, perplexity
+from dpe_gguf.runtime import RunSettings, Server, context_cap_args, perplexity, token_counter
 
 METHODS = ("vanilla", "linear", "ntk", "yarn", "selfextend", "dpe")
 TASKS = (*evaltasks.TASKS, "ppl")
@@ -243,10 +243,8 @@ def run_eval(cfg: EvalConfig, on_row: Callable[[dict], None] | None = None, prog
     _check(cfg)
     haystack = evaltasks.load_haystack(cfg.text)
     methods = Methods(cfg.model, cfg.dpe_model, cfg.cache_dir, cfg.se_window)
-    base_model, base_args = methods.plain()
     # Prompts are sized with the model's own tokenizer (llama-server's /tokenize).
-    with Server(base_model, 256, base_args, RunSettings(ngl=0, flash_attn=False, threads=cfg.settings.threads)) as tok:
-        count = lambda s: len(tok.tokenize(s))  # noqa: E731
+    with token_counter(cfg.model, cfg.settings.threads) as count:
         samples = make_all_samples(cfg, count, haystack)
         ppl_files = {}
         tmp = None

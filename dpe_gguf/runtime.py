@@ -16,6 +16,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +166,17 @@ class Server:
 
 
 _PPL_RE = re.compile(r"Final estimate: PPL = ([0-9.]+|nan|inf)")
+
+
+@contextmanager
+def token_counter(model: Path, threads: int | None = None) -> Iterator[Callable[[str], int]]:
+    """A function text -> its number of tokens as a prompt body, by the model's own tokenizer: a small
+    llama-server on the CPU (DPE off for a DPE file: tokenization does not depend on it). Prompts of
+    calibration and evaluation are sized with it."""
+    from dpe_gguf.model_info import has_dpe, open_reader
+    args = ["--dpe", "off"] if has_dpe(open_reader(model)) else []
+    with Server(Path(model), 256, args, RunSettings(ngl=0, flash_attn=False, threads=threads)) as tok:
+        yield lambda text: len(tok.tokenize(text))
 
 
 def perplexity(model: Path, text_file: Path, n_ctx: int, chunks: int, extra_args: list[str],
