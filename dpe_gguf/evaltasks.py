@@ -31,10 +31,9 @@ import operator
 import random
 import re
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 from typing import Callable
+
+from .texts import load_haystack  # noqa: F401  (part of this module's API: the tasks' default haystack)
 
 TASKS = ("passkey", "multi_needle", "multi_key", "multi_value", "multi_query")
 
@@ -102,21 +101,6 @@ class Sample:
         return d
 
 
-def load_haystack(path: str | Path | None = None) -> str:
-    """The shipped haystack text (``path=None``), or the text of the user's file."""
-    if path is None:
-        return _shipped_haystack()
-    text = Path(path).read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"haystack file {path} has no text")
-    return text
-
-
-@lru_cache(maxsize=1)
-def _shipped_haystack() -> str:
-    return resources.files(__package__).joinpath("data").joinpath("haystack.txt").read_text(encoding="utf-8")
-
-
 def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str], int],
                  haystack: str | None = None, split: str = "eval") -> list[Sample]:
     """n trials of ``task`` at ``length`` tokens, needle depths evenly spaced over [0, 1].
@@ -139,7 +123,7 @@ def make_samples(task: str, length: int, n: int, seed: int, count: Callable[[str
         raise ValueError(f"n must be >= 0, not {n}")
     text, starts = "", [0]
     if task != "passkey":
-        text = _clean_haystack(_shipped_haystack() if haystack is None else haystack)
+        text = _clean_haystack(load_haystack() if haystack is None else haystack)
         starts = [0] + [m.end() for m in re.finditer(r"\n\s*\n", text)]
     return [_sample(task, length, i, 0.5 if n == 1 else i / (n - 1), seed, count, text, starts, split)
             for i in range(n)]
@@ -154,7 +138,7 @@ def make_sample(task: str, length: int, depth: float, seed: int, count: Callable
     make_samples(task, length, 0, seed, count)   # the same argument checks
     text, starts = "", [0]
     if task != "passkey":
-        text = _clean_haystack(_shipped_haystack() if haystack is None else haystack)
+        text = _clean_haystack(load_haystack() if haystack is None else haystack)
         starts = [0] + [m.end() for m in re.finditer(r"\n\s*\n", text)]
     return _sample(task, length, index, depth, seed, count, text, starts)
 

@@ -60,13 +60,13 @@ def calibration_texts(n_samples: int, n_chars: int, seed: int, path: str | os.Pa
                       ) -> list[str]:
     """``n_samples`` chunks of ``n_chars`` characters of ordinary text, at seeded offsets.
 
-    The text is the shipped haystack (``dpe_gguf.evaltasks.load_haystack()``) or the user's file at
+    The text is the shipped haystack (``dpe_gguf.texts.load_haystack()``) or the user's file at
     ``path``. When ``n_samples * n_chars`` fits in the text the chunks do not overlap: their starts
     are ``i * n_chars + u_i`` with ``u_0 <= u_1 <= ...`` drawn uniformly from the slack (a uniform
     random placement of non-overlapping chunks). Otherwise they are spread evenly with a seeded phase
     and overlap as little as the length allows. Same arguments, same chunks.
     """
-    from .evaltasks import load_haystack
+    from .texts import load_haystack
 
     for value, what in ((n_samples, "n_samples"), (n_chars, "n_chars")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
