@@ -174,7 +174,8 @@ def token_counter(model: Path, threads: int | None = None) -> Iterator[Callable[
     llama-server on the CPU (DPE off for a DPE file: tokenization does not depend on it). Prompts of
     calibration and evaluation are sized with it."""
     from dpe_gguf.model_info import has_dpe, open_reader
-    args = ["--dpe", "off"] if has_dpe(open_reader(model)) else []
+    with open_reader(model) as reader:
+        args = ["--dpe", "off"] if has_dpe(reader) else []
     with Server(Path(model), 256, args, RunSettings(ngl=0, flash_attn=False, threads=threads)) as tok:
         yield lambda text: len(tok.tokenize(text))
 
