@@ -1178,7 +1178,7 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
         const float2 ml = meta[(int64_t) k*n_rows_all + row];
         const float  w  = ml.y > 0.0f ? expf(ml.x - Mt) : 0.0f;
         dpe_split_w[k] = w;
-        l += ml.y > 0.0f ? ml.y*w : 0.0f;
+        l += ml.y*w; // w = 0 where the split saw no cell of the row
     }
     float Lt = dpe_block_reduce<false>(l, red); // its barriers also publish dpe_split_w
     const float f = sinks ? dpe_add_sink(Mt, Lt, sinks[row % n_head]) : 1.0f;

@@ -301,8 +301,8 @@ def test_smollm2_logits_do_not_depend_on_ubatch_or_threads(tmp_path):
     tokens = vocab_only.tokenize(natural_text().encode(), add_bos=False)[:320]
     shapes = ((300, 2), (7, 1), (64, 2))
     runs = [engine_logits(dpe, tokens, n_prompt=300, n_ubatch=u, n_ctx=512, n_threads=t) for u, t in shapes]
-    # stock itself is not invariant on every CPU (an Intel Xeon with AMX: ubatch 7 on 1 thread differs from ubatch
-    # 300 by up to 1.5 in a logit, its weight matmuls take another path), so DPE must be wherever stock is
+    # stock itself is not invariant on every CPU (measured on a 2-core Intel Xeon with AMX: ubatch 7 on 1 thread
+    # differs from ubatch 300 on 2 by up to 1.5 in a logit), so DPE must be invariant wherever stock is
     stock = [engine_logits(model, tokens, n_prompt=300, n_ubatch=u, n_ctx=512, n_threads=t) for u, t in shapes]
     same_stock = [np.array_equal(stock[0], stock[k]) for k in (1, 2)]
     assert any(same_stock), "stock's logits depend on every ubatch shape tried: nothing to compare against"
