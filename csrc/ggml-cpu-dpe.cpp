@@ -2,6 +2,7 @@
 #include "ggml-dpe.h"
 #include "ggml-dpe-impl.h"
 
+#include "ggml-cpu.h"
 #include "ggml-cpu-impl.h"
 #include "ops.h"
 
@@ -16,73 +17,61 @@ static inline int64_t dpe_floor_div64(int64_t a, int64_t b) { // b >= 1
     return a >= 0 ? a/b : -((-a + b - 1)/b);
 }
 
-void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
-    const ggml_tensor * src0 = dst->src[0]; // a
-    const ggml_tensor * src1 = dst->src[1]; // pos
-    const ggml_tensor * src2 = dst->src[2]; // table
-    const ggml_tensor * src3 = dst->src[3]; // freq_factors or NULL
+// What one part of a GGML_OP_ROPE_DPE node needs: output rows [r_begin, r_end) of one shift kind (QUERY_PAIR has
+// two parts, one per half; every other kind one).
+struct rope_dpe_part {
+    const ggml_tensor * src0, * src2, * dst;
+    const int32_t * pos, * rows;     // rows: NULL, or the cache cell of each (slot, stream)
+    const double  * rate;            // [n_f]
+    int     n_dims, n_f, window, shift_kind;
+    int64_t n_head_kv, n_group;
+    float   mscale;                  // full shift kinds: ggml_rope_ext's magnitude factor
+    int64_t r_begin, r_end;
+};
 
-    GGML_ASSERT(src0->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32);
-    GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
+static void rope_dpe_compute_part(const struct ggml_compute_params * params, const rope_dpe_part & P) {
+    const ggml_tensor * src0 = P.src0;
+    const ggml_tensor * src2 = P.src2;
+    const ggml_tensor * dst  = P.dst;
+    const int32_t * pos  = P.pos;
+    const int32_t * rows = P.rows;
+    const double  * rate = P.rate;
+    const int n_dims = P.n_dims, n_f = P.n_f, window = P.window, kind = P.shift_kind;
+    const int64_t n_head_kv = P.n_head_kv, n_group = P.n_group;
+    const bool    full = ggml_dpe_shift_is_full(kind);
+    const float   mscale = P.mscale;
+    const bool    pair_src = dst->ne[3] != src0->ne[3]; // QUERY_PAIR: both halves read i3 = 0
 
-    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
-    const int   n_dims     = p.n_dims;
-    const int   mode       = p.mode;
-    const int   n_ctx_orig = p.n_ctx_orig;
-    const int   window     = p.window;
-    const int   kind       = p.kind;
-    const float freq_base  = p.freq_base;
-    const float freq_scale = p.freq_scale;
-    const float ext_factor = p.ext_factor;
-    const float beta_fast  = p.beta_fast;
-    const float beta_slow  = p.beta_slow;
+    const int64_t ne0 = dst->ne[0], ne1 = dst->ne[1], ne2 = dst->ne[2];
+    const size_t  nb01 = src0->nb[1], nb02 = src0->nb[2], nb03 = src0->nb[3];
+    const size_t  nb1 = dst->nb[1], nb2 = dst->nb[2], nb3 = dst->nb[3];
+    const bool    src_f16 = src0->type == GGML_TYPE_F16;
 
-    GGML_TENSOR_UNARY_OP_LOCALS
+    // the position a row (i2, i3) is rotated at: per token, or per (slot, stream) with rows
+    auto pos_index = [&](int64_t i2, int64_t i3) -> int64_t { return rows ? i3*ne2 + i2 : i2; };
 
-    GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
-    GGML_ASSERT(nb00 == sizeof(float) && nb0 == sizeof(float));
-    GGML_ASSERT(n_dims % 2 == 0 && n_dims <= ne0);
-
-    const int n_f = n_dims / 2;
-    GGML_ASSERT(n_f <= GGML_DPE_MAX_F);
-
-    const int64_t n_head_kv = src2->ne[1];
-    const int64_t n_group   = ne01 / n_head_kv; // query heads per KV head
-    GGML_ASSERT(n_group * n_head_kv == ne01);
-
-    const float   * freq_factors = src3 ? (const float *) src3->data : NULL;
-    const int32_t * pos          = (const int32_t *) src1->data;
-
-    // per-frequency rates: the same for every row (double: see ggml-dpe-impl.h)
-    const float theta_scale = powf(freq_base, -2.0f/n_dims);
-    float corr_dims[2];
-    ggml_rope_yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow, corr_dims);
-
-    double rate[GGML_DPE_MAX_F];
-    for (int f = 0; f < n_f; f++) {
-        const float ff = freq_factors ? freq_factors[f] : 1.0f;
-        rate[f] = ggml_dpe_rate(f, theta_scale, ff, freq_scale, ext_factor, corr_dims[0], corr_dims[1]);
-    }
-
-    // (cos, sin) per frequency for the current (token, KV head); rot[f] == 0: delta 0, copy the pair.
+    // (cos, sin) per frequency for the current (position, KV head); rot[f] == 0: delta 0, copy the pair.
     // The angle depends on (pos, s, f) only: cache_s[f] remembers the divisor the entry was computed for, so
-    // KV heads that share a divisor (s_g or 1 per frequency in DPE tables) reuse it within a token.
+    // KV heads that share a divisor (s_g or 1 per frequency in DPE tables) reuse it within a position.
     float   cache[2*GGML_DPE_MAX_F];
     uint8_t rot[GGML_DPE_MAX_F];
     int32_t cache_s[GGML_DPE_MAX_F];
-    int64_t cache_i2 = -1;
+    int64_t cache_pi = -1;
     int64_t cache_hk = -1;
 
     // NORMAL: pair (2f, 2f+1); NEOX: pair (f, f + n_dims/2)
-    const int64_t pair_step = mode == GGML_ROPE_TYPE_NEOX ? 1      : 2;
-    const int64_t pair_offs = mode == GGML_ROPE_TYPE_NEOX ? n_f    : 1;
+    const int64_t pair_step = ggml_get_op_params_i32(dst, GGML_ROPE_DPE_P_MODE) == GGML_ROPE_TYPE_NEOX ? 1   : 2;
+    const int64_t pair_offs = pair_step == 1 ? n_f : 1;
 
-    const int64_t nr  = ne1*ne2*ne3;
+    const int64_t nr  = P.r_end - P.r_begin;
     const int     ith = params->ith;
     const int     nth = params->nth;
     const int64_t dr  = (nr + nth - 1)/nth;
-    const int64_t ir0 = dr*ith;
-    const int64_t ir1 = MIN(ir0 + dr, nr);
+    const int64_t ir0 = P.r_begin + dr*ith;
+    const int64_t ir1 = MIN(ir0 + dr, P.r_end);
+    if (ir0 >= ir1) {
+        return;
+    }
 
     // The rotation of delta d is E(B*a) * E(b) with d = B*a + b, 0 <= b < B, B = GGML_DPE_ANGLE_B, and
     // E(x) = (cos, sin) of x*theta_f formed like a direct angle (double, reduced, float sin/cos): one complex
@@ -100,7 +89,8 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         int32_t p_min = INT32_MAX;
         int32_t p_max = INT32_MIN;
         for (int64_t ir = ir0; ir < ir1; ir = (ir/ne1 + 1)*ne1) {
-            const int32_t p = pos[(ir/ne1) % ne2];
+            const int64_t i3 = ir/(ne1*ne2);
+            const int32_t p  = pos[pos_index((ir/ne1) % ne2, i3)];
             p_min = MIN(p_min, p);
             p_max = MAX(p_max, p);
             n_tok++;
@@ -108,7 +98,7 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         for (int f = 0; n_tok >= 64 && f < n_f; f++) {
             for (int64_t hk = 0; hk < n_head_kv; hk++) {
                 const int32_t sv = (int32_t) ((const float *) ((const char *) src2->data + hk*src2->nb[1]))[f];
-                bool seen = sv <= 1; // divisor 1: delta 0, nothing to rotate
+                bool seen = sv <= 1 && !full; // divisor 1 of a delta kind: delta 0, nothing to rotate
                 for (int k = 0; k < n_tabs[f]; k++) {
                     seen = seen || tabs[f*n_head_kv + k].s == sv;
                 }
@@ -166,34 +156,30 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         return q;
     };
 
+    std::vector<float> row_f32(src_f16 ? ne0 : 0);
     for (int64_t ir = ir0; ir < ir1; ir++) {
         const int64_t i3 = ir/(ne1*ne2);
         const int64_t i2 = (ir - i3*ne1*ne2)/ne1;
         const int64_t i1 = ir - i3*ne1*ne2 - i2*ne1;
         const int64_t hk = i1/n_group;
+        const int64_t pi = pos_index(i2, i3);
 
-        if (i2 != cache_i2 || hk != cache_hk) {
-            if (i2 != cache_i2) {
+        if (pi != cache_pi || hk != cache_hk) {
+            if (pi != cache_pi) {
                 memset(cache_s, 0, n_f*sizeof(int32_t));
             }
             const head_freq * hrow = hf.data() + hk*n_f;
-            const int32_t p = pos[i2];
+            const int32_t p = pos[pi];
             for (int f = 0; f < n_f; f++) {
                 const int32_t s = hrow[f].s;
                 if (s == cache_s[f]) {
                     continue;
                 }
                 cache_s[f] = s;
-                // ggml_dpe_delta_kind without its division (the same integers)
-                int64_t delta = floor_div(p, s, hrow[f].inv_s);
-                if (kind == GGML_ROPE_DPE_QUERY) {
-                    delta += (int64_t) window - floor_div(window, s, hrow[f].inv_s);
-                }
-                delta -= p;
-                if (kind == GGML_ROPE_DPE_KEY_INVERSE) {
-                    delta = -delta;
-                }
-                rot[f] = delta != 0;
+                // ggml_dpe_delta_kind without its divisions (the same integers)
+                const int64_t delta = ggml_dpe_shift_from(floor_div(p, s, hrow[f].inv_s),
+                                                          floor_div(window, s, hrow[f].inv_s), p, window, kind);
+                rot[f] = delta != 0 || full;
                 if (!rot[f]) {
                     continue;
                 }
@@ -213,13 +199,24 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                 }
                 cache[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
                 cache[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
+                if (full) {
+                    cache[2*f + 0] *= mscale;
+                    cache[2*f + 1] *= mscale;
+                }
             }
-            cache_i2 = i2;
+            cache_pi = pi;
             cache_hk = hk;
         }
 
-        const float * x = (const float *) ((const char *) src0->data + i3*nb03 + i2*nb02 + i1*nb01);
-        float       * y = (float       *) ((char       *)  dst->data + i3*nb3  + i2*nb2  + i1*nb1);
+        const int64_t src_i2 = rows ? rows[pi] : i2;
+        const int64_t src_i3 = pair_src ? 0 : i3;
+        const char * xr = (const char *) src0->data + src_i3*nb03 + src_i2*nb02 + i1*nb01;
+        const float * x = (const float *) xr;
+        if (src_f16) {
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) xr, row_f32.data(), ne0);
+            x = row_f32.data();
+        }
+        float * y = (float *) ((char *) dst->data + i3*nb3 + i2*nb2 + i1*nb1);
 
         for (int f = 0; f < n_f; f++) {
             const int64_t i0 = f*pair_step;
@@ -238,6 +235,63 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
         for (int64_t i0 = n_dims; i0 < ne0; i0++) {
             y[i0] = x[i0];
         }
+    }
+}
+
+void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * src0 = dst->src[0]; // a
+    const ggml_tensor * src1 = dst->src[1]; // pos
+    const ggml_tensor * src2 = dst->src[2]; // table
+    const ggml_tensor * src3 = dst->src[3]; // freq_factors or NULL
+    const ggml_tensor * src4 = dst->src[4]; // rows or NULL
+
+    GGML_ASSERT((src0->type == GGML_TYPE_F32 || (src0->type == GGML_TYPE_F16 && src4 != nullptr)) &&
+                dst->type == GGML_TYPE_F32);
+    GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
+    GGML_ASSERT(src4 == nullptr || src4->type == GGML_TYPE_I32);
+
+    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
+    const int n_dims = p.n_dims;
+    const int mode   = p.mode;
+
+    GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
+    GGML_ASSERT(src0->nb[0] == ggml_type_size(src0->type) && dst->nb[0] == sizeof(float));
+    GGML_ASSERT(n_dims % 2 == 0 && n_dims <= dst->ne[0]);
+
+    const int n_f = n_dims / 2;
+    GGML_ASSERT(n_f <= GGML_DPE_MAX_F);
+
+    const int64_t n_head_kv = src2->ne[1];
+    const int64_t n_group   = dst->ne[1] / n_head_kv; // query heads per KV head
+    GGML_ASSERT(n_group * n_head_kv == dst->ne[1]);
+
+    // per-frequency rates: the same for every row (double: see ggml-dpe-impl.h)
+    const float * freq_factors = src3 ? (const float *) src3->data : NULL;
+    const float theta_scale = powf(p.freq_base, -2.0f/n_dims);
+    float corr_dims[2];
+    ggml_rope_yarn_corr_dims(n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
+
+    double rate[GGML_DPE_MAX_F];
+    for (int f = 0; f < n_f; f++) {
+        const float ff = freq_factors ? freq_factors[f] : 1.0f;
+        rate[f] = ggml_dpe_rate(f, theta_scale, ff, p.freq_scale, p.ext_factor, corr_dims[0], corr_dims[1]);
+    }
+
+    rope_dpe_part part = { src0, src2, dst, (const int32_t *) src1->data,
+                           src4 ? (const int32_t *) src4->data : nullptr, rate, n_dims, n_f, p.window, p.kind,
+                           n_head_kv, n_group, ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor),
+                           0, ggml_nrows(dst) };
+    if (p.kind == GGML_ROPE_DPE_QUERY_PAIR) {
+        // each half of its own shift kind (every thread takes its share of each half)
+        const int64_t half = ggml_nrows(dst)/2;
+        for (int h = 0; h < 2; h++) {
+            part.shift_kind = ggml_dpe_shift_kind(p.kind, h);
+            part.r_begin    = h*half;
+            part.r_end      = (h + 1)*half;
+            rope_dpe_compute_part(params, part);
+        }
+    } else {
+        rope_dpe_compute_part(params, part);
     }
 }
 

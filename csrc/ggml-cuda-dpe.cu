@@ -4,30 +4,38 @@
 #include "ggml-dpe-impl.h"
 
 // One thread per pair (i0 = 2*pair): NORMAL pair (i0, i0+1); NEOX pair (i0/2, i0/2 + n_dims/2) for
-// i0 < n_dims; threads with i0 >= n_dims copy (i0, i0+1). One block row per (token, head) row.
-template <bool neox, bool has_ff>
+// i0 < n_dims; threads with i0 >= n_dims copy (i0, i0+1). One block row per output row (dst is contiguous):
+// (i1 head, i2 token or slot, i3). Its source row is (i1, i2, i3) of x, or with rows (a cache) (i1, cell, i3)
+// with cell = rows[i3*ne2 + i2]; QUERY_PAIR's two halves (i3 = 0, 1) read the same row (i3 = 0).
+template <typename T, bool neox, bool has_ff>
 static __global__ void rope_dpe_f32(
-        const float * x, float * dst, const int ne00, const int ne01, const int ne02,
-        const int64_t s01, const int64_t s02, const int64_t s03, // strides of x in floats
+        const char * x, float * dst, const int ne00, const int ne1, const int ne2,
+        const int64_t nb01, const int64_t nb02, const int64_t nb03, // strides of x in bytes
+        const int32_t * rows,
         const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
         const float theta_scale, const float freq_scale, const float ext_factor, const float corr_low, const float corr_high,
-        const float * freq_factors, const int window, const int kind) {
+        const float * freq_factors, const int window, const int kind, const float mscale) {
     const int i0 = 2*(blockDim.y*blockIdx.y + threadIdx.y);
     if (i0 >= ne00) {
         return;
     }
 
     const int64_t row = blockIdx.x;
-    const int64_t i3  = row/((int64_t) ne01*ne02);
-    const int64_t i2  = (row - i3*ne01*ne02)/ne01;
-    const int64_t i1  = row - i3*ne01*ne02 - i2*ne01;
+    const int64_t i3  = row/((int64_t) ne1*ne2);
+    const int64_t i2  = (row - i3*ne1*ne2)/ne1;
+    const int64_t i1  = row - i3*ne1*ne2 - i2*ne1;
 
-    const float * xr = x   + i1*s01 + i2*s02 + i3*s03;
-    float       * yr = dst + row*ne00;
+    const int     shift_kind = ggml_dpe_shift_kind(kind, i3);
+    const int64_t src_i3     = kind == GGML_ROPE_DPE_QUERY_PAIR ? 0 : i3;
+    const int64_t src_i2     = rows ? rows[i3*ne2 + i2] : i2;
+    const int32_t p          = pos[rows ? i3*ne2 + i2 : i2];
+
+    const T * xr = (const T *) (x + i1*nb01 + src_i2*nb02 + src_i3*nb03);
+    float   * yr = dst + row*ne00;
 
     if (i0 >= n_dims) {
-        yr[i0 + 0] = xr[i0 + 0];
-        yr[i0 + 1] = xr[i0 + 1];
+        yr[i0 + 0] = (float) xr[i0 + 0];
+        yr[i0 + 1] = (float) xr[i0 + 1];
         return;
     }
 
@@ -35,14 +43,15 @@ static __global__ void rope_dpe_f32(
     const int ia   = neox ? f            : i0;
     const int ib   = neox ? f + n_dims/2 : i0 + 1;
 
-    const float x0 = xr[ia];
-    const float x1 = xr[ib];
+    const float x0 = (float) xr[ia];
+    const float x1 = (float) xr[ib];
 
     int32_t s = (int32_t) table[(i1/n_group)*s_table + f];
     s = s < 1 ? 1 : s; // the CPU kernel asserts instead; the loader validates the table
 
-    const int64_t delta = ggml_dpe_delta_kind(pos[i2], s, window, kind);
-    if (delta == 0) {
+    const int64_t delta = ggml_dpe_delta_kind(p, s, window, shift_kind);
+    const bool    full  = ggml_dpe_shift_is_full(shift_kind);
+    if (delta == 0 && !full) {
         yr[ia] = x0;
         yr[ib] = x1;
         return;
@@ -55,18 +64,22 @@ static __global__ void rope_dpe_f32(
     float sin_theta;
     float cos_theta;
     sincosf(theta, &sin_theta, &cos_theta);
+    if (full) {
+        sin_theta *= mscale;
+        cos_theta *= mscale;
+    }
 
     yr[ia] = x0*cos_theta - x1*sin_theta;
     yr[ib] = x0*sin_theta + x1*cos_theta;
 }
 
-template <bool neox>
+template <typename T, bool neox>
 static void rope_dpe_f32_cuda(
-        const float * x, float * dst, const int ne00, const int ne01, const int ne02, const int64_t nr,
-        const int64_t s01, const int64_t s02, const int64_t s03,
+        const char * x, float * dst, const int ne00, const int ne1, const int ne2, const int64_t nr,
+        const int64_t nb01, const int64_t nb02, const int64_t nb03, const int32_t * rows,
         const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
         const float theta_scale, const float freq_scale, const float ext_factor, const float corr_dims[2],
-        const float * freq_factors, const int window, const int kind, cudaStream_t stream) {
+        const float * freq_factors, const int window, const int kind, const float mscale, cudaStream_t stream) {
     GGML_ASSERT(ne00 % 2 == 0);
     GGML_ASSERT(nr <= INT_MAX);
     const dim3 block_dims(1, CUDA_ROPE_DPE_BLOCK_SIZE, 1);
@@ -74,13 +87,13 @@ static void rope_dpe_f32_cuda(
     const dim3 block_nums((unsigned) nr, n_blocks_y, 1);
 
     if (freq_factors == nullptr) {
-        rope_dpe_f32<neox, false><<<block_nums, block_dims, 0, stream>>>(
-            x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind);
+        rope_dpe_f32<T, neox, false><<<block_nums, block_dims, 0, stream>>>(
+            x, dst, ne00, ne1, ne2, nb01, nb02, nb03, rows, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind, mscale);
     } else {
-        rope_dpe_f32<neox, true><<<block_nums, block_dims, 0, stream>>>(
-            x, dst, ne00, ne01, ne02, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind);
+        rope_dpe_f32<T, neox, true><<<block_nums, block_dims, 0, stream>>>(
+            x, dst, ne00, ne1, ne2, nb01, nb02, nb03, rows, n_dims, pos, table, s_table, n_group,
+            theta_scale, freq_scale, ext_factor, corr_dims[0], corr_dims[1], freq_factors, window, kind, mscale);
     }
 }
 
@@ -89,14 +102,32 @@ bool ggml_cuda_supports_rope_dpe(const ggml_tensor * op) {
     const ggml_tensor * pos   = op->src[1];
     const ggml_tensor * table = op->src[2];
     const ggml_tensor * ff    = op->src[3];
+    const ggml_tensor * rows  = op->src[4];
     const int mode = ((const int32_t *) op->op_params)[GGML_ROPE_DPE_P_MODE];
-    return op->type == GGML_TYPE_F32 && a->type == GGML_TYPE_F32 && a->nb[0] == sizeof(float) &&
-           a->ne[0] % 2 == 0 &&
+    return op->type == GGML_TYPE_F32 && ggml_is_contiguous(op) &&
+           (a->type == GGML_TYPE_F32 || (a->type == GGML_TYPE_F16 && rows != nullptr)) &&
+           a->nb[0] == ggml_type_size(a->type) && a->ne[0] % 2 == 0 &&
            pos->type == GGML_TYPE_I32 && ggml_is_contiguous(pos) &&
+           (rows == nullptr || (rows->type == GGML_TYPE_I32 && ggml_is_contiguous(rows))) &&
            table->type == GGML_TYPE_F32 && table->nb[0] == sizeof(float) && table->nb[1] % sizeof(float) == 0 &&
            (ff == nullptr || (ff->type == GGML_TYPE_F32 && ggml_is_contiguous(ff))) &&
            (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) &&
            ggml_nrows(op) <= INT_MAX;
+}
+
+template <typename T>
+static void rope_dpe_dispatch(bool neox, const char * x, float * dst, const int ne00, const int ne1, const int ne2,
+        const int64_t nr, const int64_t nb01, const int64_t nb02, const int64_t nb03, const int32_t * rows,
+        const int n_dims, const int32_t * pos, const float * table, const int64_t s_table, const int n_group,
+        const float theta_scale, const float freq_scale, const float ext_factor, const float corr_dims[2],
+        const float * ff, const int window, const int kind, const float mscale, cudaStream_t stream) {
+    if (neox) {
+        rope_dpe_f32_cuda<T, true>(x, dst, ne00, ne1, ne2, nr, nb01, nb02, nb03, rows, n_dims, pos, table, s_table,
+            n_group, theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, mscale, stream);
+    } else {
+        rope_dpe_f32_cuda<T, false>(x, dst, ne00, ne1, ne2, nr, nb01, nb02, nb03, rows, n_dims, pos, table, s_table,
+            n_group, theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, mscale, stream);
+    }
 }
 
 void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -104,55 +135,49 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * src1 = dst->src[1];
     const ggml_tensor * src2 = dst->src[2];
     const ggml_tensor * src3 = dst->src[3];
+    const ggml_tensor * src4 = dst->src[4];
 
-    GGML_ASSERT(src0->type == GGML_TYPE_F32 && dst->type == GGML_TYPE_F32);
+    GGML_ASSERT((src0->type == GGML_TYPE_F32 || src0->type == GGML_TYPE_F16) && dst->type == GGML_TYPE_F32);
     GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
     GGML_ASSERT(ggml_is_contiguous(dst));
 
     const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
     const int   n_dims     = p.n_dims;
     const int   mode       = p.mode;
-    const int   n_ctx_orig = p.n_ctx_orig;
-    const int   window     = p.window;
-    const int   kind       = p.kind;
-    const float freq_base  = p.freq_base;
-    const float freq_scale = p.freq_scale;
-    const float ext_factor = p.ext_factor;
-    const float beta_fast  = p.beta_fast;
-    const float beta_slow  = p.beta_slow;
 
     GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
     GGML_ASSERT(n_dims % 2 == 0 && n_dims <= src0->ne[0]);
 
-    const int64_t ne00 = src0->ne[0];
-    const int64_t ne01 = src0->ne[1];
-    const int64_t ne02 = src0->ne[2];
-    const int64_t nr   = ggml_nrows(src0);
-    const int n_group  = (int) (ne01/src2->ne[1]);
+    const int64_t ne00 = dst->ne[0];
+    const int64_t ne1  = dst->ne[1];
+    const int64_t ne2  = dst->ne[2];
+    const int64_t nr   = ggml_nrows(dst);
+    const int n_group  = (int) (ne1/src2->ne[1]);
 
     // host-side, exactly as the CPU kernel and ggml's rope compute them
-    const float theta_scale = powf(freq_base, -2.0f/n_dims);
+    const float theta_scale = powf(p.freq_base, -2.0f/n_dims);
     float corr_dims[2];
-    ggml_rope_yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow, corr_dims);
+    ggml_rope_yarn_corr_dims(n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
+    const float mscale = ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor);
 
-    const float * x     = (const float *) src0->data;
-    float       * y     = (float *) dst->data;
-    const int32_t * pos = (const int32_t *) src1->data;
-    const float * table = (const float *) src2->data;
-    const float * ff    = src3 ? (const float *) src3->data : nullptr;
-
-    const int64_t s01 = src0->nb[1]/sizeof(float);
-    const int64_t s02 = src0->nb[2]/sizeof(float);
-    const int64_t s03 = src0->nb[3]/sizeof(float);
+    const char    * x     = (const char *) src0->data;
+    float         * y     = (float *) dst->data;
+    const int32_t * pos   = (const int32_t *) src1->data;
+    const float   * table = (const float *) src2->data;
+    const float   * ff    = src3 ? (const float *) src3->data : nullptr;
+    const int32_t * rows  = src4 ? (const int32_t *) src4->data : nullptr;
     const int64_t s_table = src2->nb[1]/sizeof(float);
 
+    const bool neox = mode == GGML_ROPE_TYPE_NEOX;
     cudaStream_t stream = ctx.stream();
-    if (mode == GGML_ROPE_TYPE_NEOX) {
-        rope_dpe_f32_cuda<true>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, stream);
+    if (src0->type == GGML_TYPE_F16) {
+        rope_dpe_dispatch<half>(neox, x, y, ne00, ne1, ne2, nr, src0->nb[1], src0->nb[2], src0->nb[3], rows, n_dims,
+            pos, table, s_table, n_group, theta_scale, p.freq_scale, p.ext_factor, corr_dims, ff, p.window, p.kind,
+            mscale, stream);
     } else {
-        rope_dpe_f32_cuda<false>(x, y, ne00, ne01, ne02, nr, s01, s02, s03, n_dims, pos, table, s_table, n_group,
-            theta_scale, freq_scale, ext_factor, corr_dims, ff, window, kind, stream);
+        rope_dpe_dispatch<float>(neox, x, y, ne00, ne1, ne2, nr, src0->nb[1], src0->nb[2], src0->nb[3], rows, n_dims,
+            pos, table, s_table, n_group, theta_scale, p.freq_scale, p.ext_factor, corr_dims, ff, p.window, p.kind,
+            mscale, stream);
     }
 }
 

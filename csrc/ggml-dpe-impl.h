@@ -37,19 +37,49 @@ GGML_DPE_HD int32_t ggml_dpe_floor_div(int32_t a, int32_t b) {
     return q;
 }
 
-// P(p, s) - p: key: floor(p/s) - p; query: floor(p/s) + w - floor(w/s) - p
-GGML_DPE_HD int64_t ggml_dpe_delta(int32_t p, int32_t s, int32_t w, bool is_query) {
-    int64_t P = ggml_dpe_floor_div(p, s);
-    if (is_query) {
-        P += (int64_t) w - ggml_dpe_floor_div(w, s);
+// What one output row of a GGML_OP_ROPE_DPE node is rotated by, in units of theta_f: the kinds of
+// enum ggml_rope_dpe_kind, and the two halves of QUERY_PAIR (GGML_DPE_SHIFT_PLAIN: pos, GGML_DPE_SHIFT_QUERY_FULL: P_q)
+#define GGML_DPE_SHIFT_QUERY_FULL 5
+#define GGML_DPE_SHIFT_PLAIN      6
+
+// the shift kind of half `half` (0 or 1: the output's dim 3 index) of a node of kind `kind`
+GGML_DPE_HD int ggml_dpe_shift_kind(int kind, int64_t half) {
+    if (kind == GGML_ROPE_DPE_QUERY_PAIR) {
+        return half == 0 ? GGML_DPE_SHIFT_PLAIN : GGML_DPE_SHIFT_QUERY_FULL;
     }
-    return P - (int64_t) p;
+    return kind;
 }
 
-// the position delta of a GGML_OP_ROPE_DPE kind (enum ggml_rope_dpe_kind): KEY_INVERSE undoes KEY
-GGML_DPE_HD int64_t ggml_dpe_delta_kind(int32_t p, int32_t s, int32_t w, int kind) {
-    const int64_t delta = ggml_dpe_delta(p, s, w, kind == GGML_ROPE_DPE_QUERY);
-    return kind == GGML_ROPE_DPE_KEY_INVERSE ? -delta : delta;
+// whether a shift kind rotates unrotated vectors (ggml_rope_ext's magnitude scaling, no copy at shift 0)
+GGML_DPE_HD bool ggml_dpe_shift_is_full(int shift_kind) {
+    return shift_kind == GGML_ROPE_DPE_KEY_FULL || shift_kind == GGML_DPE_SHIFT_QUERY_FULL ||
+           shift_kind == GGML_DPE_SHIFT_PLAIN;
+}
+
+// the shift from floor(p/s) (fp) and floor(w/s) (fw); every shift kind is monotone in p
+GGML_DPE_HD int64_t ggml_dpe_shift_from(int64_t fp, int64_t fw, int32_t p, int32_t w, int shift_kind) {
+    switch (shift_kind) {
+        case GGML_ROPE_DPE_KEY:         return fp - p;
+        case GGML_ROPE_DPE_QUERY:       return fp + w - fw - p;
+        case GGML_ROPE_DPE_KEY_INVERSE: return p - fp;
+        case GGML_ROPE_DPE_KEY_FULL:    return fp;
+        case GGML_DPE_SHIFT_QUERY_FULL: return fp + w - fw;
+        default:                        return p; // GGML_DPE_SHIFT_PLAIN
+    }
+}
+
+// the position delta of a shift kind: KEY_INVERSE undoes KEY
+GGML_DPE_HD int64_t ggml_dpe_delta_kind(int32_t p, int32_t s, int32_t w, int shift_kind) {
+    return ggml_dpe_shift_from(ggml_dpe_floor_div(p, s), ggml_dpe_floor_div(w, s), p, w, shift_kind);
+}
+
+// ggml_rope_ext's magnitude factor (rope_yarn): attn_factor, times YaRN's 1 + 0.1 ln(1/freq_scale) when extending
+static inline float ggml_dpe_mscale(float attn_factor, float freq_scale, float ext_factor) {
+    float mscale = attn_factor;
+    if (ext_factor != 0.0f) {
+        mscale *= 1.0f + 0.1f*logf(1.0f/freq_scale);
+    }
+    return mscale;
 }
 
 // theta_f per unit position, in double: theta_scale^f / ff, times freq_scale mixed with the YaRN ramp as in
@@ -88,7 +118,7 @@ GGML_DPE_HD float ggml_dpe_angle(int64_t delta, double rate) {
 struct ggml_rope_dpe_op_params {
     int   n_dims, mode, n_ctx_orig, window;
     int   kind; // enum ggml_rope_dpe_kind
-    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow;
+    float freq_base, freq_scale, ext_factor, beta_fast, beta_slow, attn_factor;
 };
 
 static inline struct ggml_rope_dpe_op_params ggml_rope_dpe_get_op_params(const struct ggml_tensor * dst) {
@@ -104,5 +134,6 @@ static inline struct ggml_rope_dpe_op_params ggml_rope_dpe_get_op_params(const s
     memcpy(&p.ext_factor, op + GGML_ROPE_DPE_P_EXT_FACTOR, sizeof(float));
     memcpy(&p.beta_fast,  op + GGML_ROPE_DPE_P_BETA_FAST,  sizeof(float));
     memcpy(&p.beta_slow,  op + GGML_ROPE_DPE_P_BETA_SLOW,  sizeof(float));
+    memcpy(&p.attn_factor, op + GGML_ROPE_DPE_P_ATTN_FACTOR, sizeof(float));
     return p;
 }

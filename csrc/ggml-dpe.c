@@ -5,6 +5,88 @@
 
 #include <string.h>
 
+struct ggml_tensor * ggml_rope_dpe_ext(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * a,
+        struct ggml_tensor  * pos,
+        struct ggml_tensor  * table,
+        struct ggml_tensor  * freq_factors,
+        struct ggml_tensor  * rows,
+        int                   n_dims,
+        int                   mode,
+        int                   n_ctx_orig,
+        float                 freq_base,
+        float                 freq_scale,
+        float                 ext_factor,
+        float                 attn_factor,
+        float                 beta_fast,
+        float                 beta_slow,
+        int                   window,
+        int                   kind) {
+    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
+    GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE ||
+                kind == GGML_ROPE_DPE_KEY_FULL || kind == GGML_ROPE_DPE_QUERY_PAIR);
+    GGML_ASSERT(a->nb[0] == ggml_type_size(a->type));
+    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
+    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
+    GGML_ASSERT(ggml_is_contiguous(pos) && pos->type == GGML_TYPE_I32);
+
+    int64_t ne[GGML_MAX_DIMS] = { a->ne[0], a->ne[1], a->ne[2], a->ne[3] };
+    if (rows) {
+        GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE);
+        GGML_ASSERT(a->type == GGML_TYPE_F32 || a->type == GGML_TYPE_F16);
+        GGML_ASSERT(rows->type == GGML_TYPE_I32 && ggml_is_contiguous(rows));
+        GGML_ASSERT(rows->ne[1] == a->ne[3] && rows->ne[2] == 1 && rows->ne[3] == 1);
+        ne[2] = rows->ne[0];
+        GGML_ASSERT(ggml_nelements(pos) == ne[2]*ne[3]);
+    } else {
+        GGML_ASSERT(a->type == GGML_TYPE_F32);
+        GGML_ASSERT(ggml_is_vector(pos) && pos->ne[0] == a->ne[2]);
+    }
+    if (kind == GGML_ROPE_DPE_QUERY_PAIR) {
+        GGML_ASSERT(a->ne[3] == 1);
+        ne[3] = 2;
+    }
+
+    GGML_ASSERT(table->type == GGML_TYPE_F32);
+    GGML_ASSERT(table->nb[0] == sizeof(float));
+    GGML_ASSERT(table->ne[0] == n_dims / 2);
+    GGML_ASSERT(table->ne[2] == 1 && table->ne[3] == 1);
+    GGML_ASSERT(table->ne[1] >= 1 && a->ne[1] % table->ne[1] == 0); // n_head is a multiple of n_head_kv
+
+    if (freq_factors) {
+        GGML_ASSERT(freq_factors->type == GGML_TYPE_F32);
+        GGML_ASSERT(ggml_is_contiguous(freq_factors));
+        GGML_ASSERT(freq_factors->ne[0] >= n_dims / 2);
+    }
+    GGML_ASSERT(window >= 0);
+
+    struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, ne);
+
+    int32_t params[GGML_ROPE_DPE_P_COUNT] = { 0 };
+    params[GGML_ROPE_DPE_P_N_DIMS]     = n_dims;
+    params[GGML_ROPE_DPE_P_MODE]       = mode;
+    params[GGML_ROPE_DPE_P_N_CTX_ORIG] = n_ctx_orig;
+    memcpy(params + GGML_ROPE_DPE_P_FREQ_BASE,   &freq_base,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_FREQ_SCALE,  &freq_scale,  sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_EXT_FACTOR,  &ext_factor,  sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_BETA_FAST,   &beta_fast,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_BETA_SLOW,   &beta_slow,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_ATTN_FACTOR, &attn_factor, sizeof(float));
+    params[GGML_ROPE_DPE_P_WINDOW]     = window;
+    params[GGML_ROPE_DPE_P_KIND]       = kind;
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_ROPE_DPE;
+    result->src[0] = a;
+    result->src[1] = pos;
+    result->src[2] = table;
+    result->src[3] = freq_factors;
+    result->src[4] = rows;
+
+    return result;
+}
+
 struct ggml_tensor * ggml_rope_dpe(
         struct ggml_context * ctx,
         struct ggml_tensor  * a,
@@ -21,51 +103,9 @@ struct ggml_tensor * ggml_rope_dpe(
         float                 beta_slow,
         int                   window,
         int                   kind) {
-    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
-    GGML_ASSERT(a->type == GGML_TYPE_F32);
-    GGML_ASSERT(a->nb[0] == sizeof(float));
-    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
-    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
-
-    GGML_ASSERT(ggml_is_vector(pos) && pos->type == GGML_TYPE_I32);
-    GGML_ASSERT(pos->ne[0] == a->ne[2]);
-
-    GGML_ASSERT(table->type == GGML_TYPE_F32);
-    GGML_ASSERT(table->nb[0] == sizeof(float));
-    GGML_ASSERT(table->ne[0] == n_dims / 2);
-    GGML_ASSERT(table->ne[2] == 1 && table->ne[3] == 1);
-    GGML_ASSERT(table->ne[1] >= 1 && a->ne[1] % table->ne[1] == 0); // n_head is a multiple of n_head_kv
-
-    if (freq_factors) {
-        GGML_ASSERT(freq_factors->type == GGML_TYPE_F32);
-        GGML_ASSERT(ggml_is_contiguous(freq_factors));
-        GGML_ASSERT(freq_factors->ne[0] >= n_dims / 2);
-    }
-    GGML_ASSERT(window >= 0);
     GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE);
-
-    struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, a->ne);
-
-    int32_t params[GGML_ROPE_DPE_P_COUNT] = { 0 };
-    params[GGML_ROPE_DPE_P_N_DIMS]     = n_dims;
-    params[GGML_ROPE_DPE_P_MODE]       = mode;
-    params[GGML_ROPE_DPE_P_N_CTX_ORIG] = n_ctx_orig;
-    memcpy(params + GGML_ROPE_DPE_P_FREQ_BASE,  &freq_base,  sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_FREQ_SCALE, &freq_scale, sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_EXT_FACTOR, &ext_factor, sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_BETA_FAST,  &beta_fast,  sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_BETA_SLOW,  &beta_slow,  sizeof(float));
-    params[GGML_ROPE_DPE_P_WINDOW]     = window;
-    params[GGML_ROPE_DPE_P_KIND]       = kind;
-    ggml_set_op_params(result, params, sizeof(params));
-
-    result->op     = GGML_OP_ROPE_DPE;
-    result->src[0] = a;
-    result->src[1] = pos;
-    result->src[2] = table;
-    result->src[3] = freq_factors;
-
-    return result;
+    return ggml_rope_dpe_ext(ctx, a, pos, table, freq_factors, NULL, n_dims, mode, n_ctx_orig, freq_base, freq_scale,
+                             ext_factor, 1.0f, beta_fast, beta_slow, window, kind);
 }
 
 struct ggml_tensor * ggml_dpe_near_scores(

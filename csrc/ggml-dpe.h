@@ -21,14 +21,18 @@ extern "C" {
         GGML_ROPE_DPE_P_BETA_SLOW  = 7,  // float
         GGML_ROPE_DPE_P_WINDOW     = 8,  // int32: local window w
         GGML_ROPE_DPE_P_KIND       = 9,  // int32: enum ggml_rope_dpe_kind
-        GGML_ROPE_DPE_P_COUNT      = 10,
+        GGML_ROPE_DPE_P_ATTN_FACTOR = 10, // float: ggml_rope_ext's attn_factor (kinds KEY_FULL and QUERY_PAIR)
+        GGML_ROPE_DPE_P_COUNT      = 11,
     };
 
-    // What GGML_OP_ROPE_DPE rotates: pos -> P(pos) for keys or queries, or a far key back to pos
+    // What GGML_OP_ROPE_DPE rotates: pos -> P(pos) for keys or queries, or a far key back to pos; the last two
+    // take vectors that no rope has rotated yet and do ggml_rope_ext's work as well (one node instead of two)
     enum ggml_rope_dpe_kind {
         GGML_ROPE_DPE_KEY         = 0, // key positions P_k (a key rotated at pos -> its far key)
         GGML_ROPE_DPE_QUERY       = 1, // query positions P_q
         GGML_ROPE_DPE_KEY_INVERSE = 2, // a far key -> the key rotated at pos (the inverse of KEY)
+        GGML_ROPE_DPE_KEY_FULL    = 3, // an unrotated key -> its far key (rotated at P_k(pos))
+        GGML_ROPE_DPE_QUERY_PAIR  = 4, // an unrotated query -> [the query rotated at pos ; its far query (at P_q(pos))]
     };
 
     // Rotate vectors that ordinary RoPE already rotated at position pos to DPE's far positions.
@@ -70,6 +74,37 @@ extern "C" {
             float                 beta_slow,
             int                   window,
             int                   kind);   // enum ggml_rope_dpe_kind (false/true: key/query)
+
+    // ggml_rope_dpe with every option:
+    //
+    //   kinds KEY_FULL and QUERY_PAIR: a has not been rotated (ggml_rope_ext's input, with its parameters, its
+    //   attn_factor included); frequency f is rotated by P(pos, s) * theta_f (QUERY_PAIR: also by pos * theta_f)
+    //   and, as ggml_rope_ext does, scaled by attn_factor (times YaRN's 1 + 0.1 ln(1/freq_scale) when ext_factor
+    //   != 0); dims beyond n_dims are copied. QUERY_PAIR needs a->ne[3] == 1 and returns [ne0, ne1, ne2, 2]: the
+    //   ordinary query at [..., 0], the far query at [..., 1].
+    //
+    //   rows (I32 [n_slots, n_stream], or NULL): a is then a cache, [n_embd_head, n_head_kv, n_cells, n_stream]
+    //   (F32 or F16, rows of unit stride), and the result is F32 [n_embd_head, n_head_kv, n_slots, n_stream]
+    //   whose slot j of stream t is cell rows[t, j] of a rotated at pos[t*n_slots + j] (pos: I32, n_slots*n_stream
+    //   elements): ggml_get_rows and the rotation in one node. Kinds KEY, QUERY and KEY_INVERSE only.
+    GGML_API struct ggml_tensor * ggml_rope_dpe_ext(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * a,
+            struct ggml_tensor  * pos,
+            struct ggml_tensor  * table,
+            struct ggml_tensor  * freq_factors,
+            struct ggml_tensor  * rows,
+            int                   n_dims,
+            int                   mode,
+            int                   n_ctx_orig,
+            float                 freq_base,
+            float                 freq_scale,
+            float                 ext_factor,
+            float                 attn_factor,
+            float                 beta_fast,
+            float                 beta_slow,
+            int                   window,
+            int                   kind);
 
     // DPE's one softmax over near and far scores (spec section 3), at the width of the cache: put the near
     // scores of the window cells into a matrix of far scores, in place.

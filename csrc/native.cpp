@@ -77,9 +77,9 @@ static ggml_backend_buffer_ptr dpe_alloc_for(ggml_backend_t backend, ggml_contex
 static py::array_t<float> rope_dpe(
         py::array a_in, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
         py::array_t<float, py::array::c_style | py::array::forcecast> table,
-        int n_dims, int mode, int window, bool is_query, bool inverse, float freq_base, float freq_scale, float ext_factor,
-        float beta_fast, float beta_slow, int n_ctx_orig, py::object freq_factors_in, const std::string & backend_name,
-        int n_threads) {
+        int n_dims, int mode, int window, bool is_query, bool inverse, bool full, float freq_base, float freq_scale,
+        float ext_factor, float attn_factor, float beta_fast, float beta_slow, int n_ctx_orig, py::object freq_factors_in,
+        const std::string & backend_name, int n_threads) {
     // a: any float32 array [n_tokens, n_head, n_embd_head] with unit stride along the last axis is passed to
     // ggml as a strided view (so slices test the non-contiguous path); anything else is copied first.
     py::array_t<float> a = py::array_t<float>::ensure(a_in);
@@ -100,8 +100,11 @@ static py::array_t<float> rope_dpe(
     if (table.ndim() != 2 || table.shape(1) != n_dims / 2 || table.shape(0) < 1 || n_head % table.shape(0) != 0) {
         throw py::value_error("table must be float32 [n_head_kv, n_dims/2] with n_head a multiple of n_head_kv");
     }
-    if (inverse && is_query) {
-        throw py::value_error("inverse rotates far keys back: it needs is_query=False");
+    if (inverse && (is_query || full)) {
+        throw py::value_error("inverse rotates far keys back: it needs is_query=False, full=False");
+    }
+    if (!full && attn_factor != 1.0f) {
+        throw py::value_error("attn_factor scales unrotated vectors: it needs full=True");
     }
     if (n_dims <= 0 || n_dims % 2 != 0 || n_dims > n_embd_head || (mode != GGML_ROPE_TYPE_NORMAL && mode != GGML_ROPE_TYPE_NEOX)) {
         throw py::value_error("need 0 < n_dims <= n_embd_head, n_dims even, mode NORMAL (0) or NEOX (2)");
@@ -126,9 +129,11 @@ static py::array_t<float> rope_dpe(
     ggml_tensor * t_pos   = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_tokens);
     ggml_tensor * t_table = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_dims / 2, table.shape(0));
     ggml_tensor * t_ff    = has_ff ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_F32, n_dims / 2) : nullptr;
-    ggml_tensor * t_out   = ggml_rope_dpe(ctx.get(), t_a, t_pos, t_table, t_ff, n_dims, mode, n_ctx_orig, freq_base,
-                                          freq_scale, ext_factor, beta_fast, beta_slow, window,
-                                          inverse ? GGML_ROPE_DPE_KEY_INVERSE : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY);
+    const int kind = full ? (is_query ? GGML_ROPE_DPE_QUERY_PAIR : GGML_ROPE_DPE_KEY_FULL)
+                          : inverse ? GGML_ROPE_DPE_KEY_INVERSE : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY;
+    ggml_tensor * t_out   = ggml_rope_dpe_ext(ctx.get(), t_a, t_pos, t_table, t_ff, nullptr, n_dims, mode, n_ctx_orig,
+                                              freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow,
+                                              window, kind);
     ggml_cgraph * gf = ggml_new_graph(ctx.get());
     ggml_build_forward_expand(gf, t_out);
 
@@ -140,8 +145,66 @@ static py::array_t<float> rope_dpe(
         ggml_backend_tensor_set(t_ff, freq_factors.data(), 0, ggml_nbytes(t_ff));
     }
 
-    py::array_t<float> out({n_tokens, n_head, n_embd_head});
+    const int64_t n_out = t_out->ne[3]; // 2 for QUERY_PAIR
+    py::array_t<float> out = n_out == 1 ? py::array_t<float>({n_tokens, n_head, n_embd_head})
+                                        : py::array_t<float>({n_out, n_tokens, n_head, n_embd_head});
     compute_into(backend.get(), gf, t_out, out, "rope_dpe", backend_name);
+    return out;
+}
+
+static ggml_type dpe_type_by_name(const std::string & name);
+static std::vector<uint8_t> dpe_to_type(const float * x, int64_t rows, int64_t n, ggml_type t);
+
+// -- rope_dpe_rows: GGML_OP_ROPE_DPE that gathers its rows from a cache (ggml_rope_dpe_ext with rows) -------
+
+static py::array_t<float> rope_dpe_rows(
+        py::array_t<float, py::array::c_style | py::array::forcecast> cache,
+        py::array_t<int32_t, py::array::c_style | py::array::forcecast> rows,
+        py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
+        py::array_t<float, py::array::c_style | py::array::forcecast> table,
+        int n_dims, int mode, int window, bool is_query, bool inverse, float freq_base, const std::string & cache_type,
+        const std::string & backend_name, int n_threads) {
+    if (cache.ndim() != 4 || rows.ndim() != 2 || pos.ndim() != 2) {
+        throw py::value_error("cache: float32 [n_stream, n_cells, n_head_kv, n_embd_head]; rows, pos: int32 [n_stream, n_slots]");
+    }
+    const int64_t n_stream = cache.shape(0), n_cells = cache.shape(1), n_head = cache.shape(2), d = cache.shape(3);
+    const int64_t n_slots = rows.shape(1);
+    if (rows.shape(0) != n_stream || pos.shape(0) != n_stream || pos.shape(1) != n_slots) {
+        throw py::value_error("rows and pos must be [n_stream, n_slots]");
+    }
+    for (int64_t i = 0; i < rows.size(); ++i) {
+        if (rows.data()[i] < 0 || rows.data()[i] >= n_cells) {
+            throw py::value_error("rows must index cells 0 .. n_cells-1");
+        }
+    }
+    if (table.ndim() != 2 || table.shape(1) != n_dims / 2 || n_head % table.shape(0) != 0) {
+        throw py::value_error("table must be float32 [n_head_kv, n_dims/2]");
+    }
+    if (inverse && is_query) {
+        throw py::value_error("inverse rotates far keys back: it needs is_query=False");
+    }
+    const ggml_type t_cache = dpe_type_by_name(cache_type);
+    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
+    ggml_init_params params = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
+    ggml_context_ptr ctx(ggml_init(params));
+    ggml_tensor * t_cache_t = ggml_new_tensor_4d(ctx.get(), t_cache, d, n_head, n_cells, n_stream);
+    ggml_tensor * t_rows    = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, n_slots, n_stream);
+    ggml_tensor * t_pos     = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_slots*n_stream);
+    ggml_tensor * t_table   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_dims / 2, table.shape(0));
+    ggml_tensor * t_out     = ggml_rope_dpe_ext(ctx.get(), t_cache_t, t_pos, t_table, nullptr, t_rows, n_dims, mode, 0,
+                                                freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f, window,
+                                                inverse ? GGML_ROPE_DPE_KEY_INVERSE
+                                                        : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY);
+    ggml_cgraph * gf = ggml_new_graph(ctx.get());
+    ggml_build_forward_expand(gf, t_out);
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "rope_dpe_rows", backend_name);
+    const std::vector<uint8_t> bytes = dpe_to_type(cache.data(), n_stream*n_cells*n_head, d, t_cache);
+    ggml_backend_tensor_set(t_cache_t, bytes.data(), 0, bytes.size());
+    ggml_backend_tensor_set(t_rows, rows.data(), 0, ggml_nbytes(t_rows));
+    ggml_backend_tensor_set(t_pos, pos.data(), 0, ggml_nbytes(t_pos));
+    ggml_backend_tensor_set(t_table, table.data(), 0, ggml_nbytes(t_table));
+    py::array_t<float> out({n_stream, n_slots, n_head, d});
+    compute_into(backend.get(), gf, t_out, out, "rope_dpe_rows", backend_name);
     return out;
 }
 
@@ -419,14 +482,23 @@ PYBIND11_MODULE(_native, m) {
 
     m.def("rope_dpe", &rope_dpe, py::arg("a"), py::arg("pos"), py::arg("table"), py::kw_only(),
           py::arg("n_dims"), py::arg("mode"), py::arg("window"), py::arg("is_query"), py::arg("inverse") = false,
-          py::arg("freq_base"),
-          py::arg("freq_scale") = 1.0f, py::arg("ext_factor") = 0.0f, py::arg("beta_fast") = 32.0f,
+          py::arg("full") = false, py::arg("freq_base"),
+          py::arg("freq_scale") = 1.0f, py::arg("ext_factor") = 0.0f, py::arg("attn_factor") = 1.0f, py::arg("beta_fast") = 32.0f,
           py::arg("beta_slow") = 1.0f, py::arg("n_ctx_orig") = 0, py::arg("freq_factors") = py::none(),
           py::arg("backend") = "cpu", py::arg("n_threads") = 2,
           "Run one GGML_OP_ROPE_DPE node (csrc/ggml-dpe.h) on a ggml backend (\"cpu\" or \"cuda\").\n"
           "a: float32 [n_tokens, n_head, n_embd_head] (strided views are passed as ggml views), pos: int32 [n_tokens],\n"
           "table: float32 [n_head_kv, n_dims/2]; returns float32 [n_tokens, n_head, n_embd_head].\n"
-          "inverse=True: far keys back to the keys rotated at pos (kind KEY_INVERSE).");
+          "inverse=True: far keys back to the keys rotated at pos (kind KEY_INVERSE).\n"
+          "full=True: a is not rotated yet: kind KEY_FULL (keys: the far keys), or QUERY_PAIR (is_query: returns\n"
+          "float32 [2, n_tokens, n_head, n_embd_head], the queries rotated at pos and the far queries).");
+    m.def("rope_dpe_rows", &rope_dpe_rows, py::arg("cache"), py::arg("rows"), py::arg("pos"), py::arg("table"),
+          py::kw_only(), py::arg("n_dims"), py::arg("mode"), py::arg("window"), py::arg("is_query") = false,
+          py::arg("inverse") = true, py::arg("freq_base"), py::arg("cache_type") = "f16", py::arg("backend") = "cpu",
+          py::arg("n_threads") = 2,
+          "Run one GGML_OP_ROPE_DPE node that reads its rows from a cache (ggml_rope_dpe_ext with rows).\n"
+          "cache: float32 [S, N, Hk, D] (stored as cache_type: f32 or f16), rows, pos: int32 [S, W]; returns\n"
+          "float32 [S, W, Hk, D]: cell rows[s, j] of stream s rotated at pos[s, j] (default: kind KEY_INVERSE).");
     m.def("dpe_near_scores", &dpe_near_scores, py::arg("kq"), py::arg("kq_near"), py::arg("idx"), py::arg("pos_win"),
           py::arg("pos_q"), py::kw_only(), py::arg("window"), py::arg("backend") = "cpu", py::arg("n_threads") = 2,
           "Run one GGML_OP_DPE_NEAR_SCORES node (csrc/ggml-dpe.h) on a ggml backend.\n"

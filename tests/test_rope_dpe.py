@@ -319,7 +319,7 @@ def test_near_scores_match_reference(shape, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["key", "query", "inverse"])
+@pytest.mark.parametrize("kind", ["key", "query", "inverse", "key_full", "query_pair"])
 @pytest.mark.parametrize("positions", ["window", "prompt", "spread"])
 def test_many_rows(positions, kind, backend):
     """Many rows: a window of consecutive cells, a long prompt, or positions spread over 100k (the CPU kernel
@@ -330,12 +330,22 @@ def test_many_rows(positions, kind, backend):
     pos = {"window": np.arange(70_000, 70_000 + n), "prompt": np.arange(n),
            "spread": np.sort(rng.integers(0, 100_000, n))}[positions].astype(np.int32)
     mode, n_head, n_head_kv, n_dims = NEOX, 6, 3, 64
-    cfg = dict(mode=mode, n_dims=n_dims, window=1024, is_query=kind == "query", freq_base=100000.0, freq_scale=1.0,
+    is_query = kind in ("query", "query_pair")
+    cfg = dict(mode=mode, n_dims=n_dims, window=1024, is_query=is_query, freq_base=100000.0, freq_scale=1.0,
                ext_factor=0.0, n_ctx_orig=0, freq_factors=None)
     table = random_table(rng, n_head_kv, n_dims // 2)
     rate = rate_of(cfg)
     x = rng.standard_normal((n, n_head, n_dims))
-    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], kind == "query")
+    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], is_query)
+    if kind in ("key_full", "query_pair"):
+        out = run(x.astype(np.float32), pos, table, cfg, backend, full=True)
+        ref = rope_np(x, P, mode, n_dims, rate)
+        if kind == "query_pair":
+            assert pair_err(out[0], rope_np(x, pos, mode, n_dims, rate), mode, n_dims)[0] <= PAIR_TOL
+            out = out[1]
+        err, _ = pair_err(out, ref, mode, n_dims)
+        assert err <= PAIR_TOL, err
+        return
     if kind == "inverse":
         inp, ref = rope_np(x, P, mode, n_dims, rate), rope_np(x, pos, mode, n_dims, rate)
     else:
@@ -343,3 +353,121 @@ def test_many_rows(positions, kind, backend):
     out = run(inp.astype(np.float32), pos, table, cfg, backend, inverse=kind == "inverse")
     err, _ = pair_err(out, ref, mode, n_dims)
     assert err <= PAIR_TOL, err
+
+
+# ---------------------------------------------------------------- kinds KEY_FULL and QUERY_PAIR (ggml_rope_ext's work too)
+
+def scale_rotated(x, m, mode, n_dims):
+    """x with its rotated pairs times m (ggml_rope_ext's magnitude factor); dims past n_dims as they are."""
+    out = np.array(x, dtype=np.float64)
+    ia, ib = pairs(mode, n_dims)
+    out[..., ia] *= m
+    out[..., ib] *= m
+    return out
+
+
+def mscale_of(cfg, attn_factor):
+    """ggml's rope_yarn: attn_factor, times 1 + 0.1 ln(1/freq_scale) where YaRN extends (ext_factor != 0)."""
+    return attn_factor * (1.0 + 0.1 * np.log(1.0 / cfg["freq_scale"]) if cfg["ext_factor"] != 0.0 else 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
+@pytest.mark.parametrize("ff", [False, True], ids=["noff", "ff"])
+@pytest.mark.parametrize("is_query", [False, True], ids=["key_full", "query_pair"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+def test_full_kinds_match_reference(case, is_query, ff, yarn, backend):
+    """From vectors no rope has rotated: KEY_FULL gives the far keys, QUERY_PAIR the queries rotated at pos and the
+    far queries, each scaled by ggml_rope_ext's factor (attn_factor 0.75 here, and YaRN's where it extends), the
+    dims past n_dims copied unscaled."""
+    mode, n_head, n_head_kv, head_dim, n_dims = case
+    x, pos, table, cfg = make_case(hash((case, is_query, ff, yarn, "full")) & 0xFFFF, mode, n_head, n_head_kv,
+                                   head_dim, n_dims, is_query, ff, yarn)
+    rate = rate_of(cfg)
+    x32 = x.astype(np.float32)
+    m = mscale_of(cfg, 0.75)
+    P = dpe_positions(pos, sigma_per_head(table, n_head), cfg["window"], is_query)
+    far = scale_rotated(rope_np(x32, P, mode, n_dims, rate), m, mode, n_dims)
+    out = run(x32, pos, table, cfg, backend, full=True, attn_factor=0.75)
+    if is_query:
+        assert out.shape == (2,) + x.shape
+        near = scale_rotated(rope_np(x32, pos, mode, n_dims, rate), m, mode, n_dims)
+        err, rest = pair_err(out[0], near, mode, n_dims)
+        assert err <= PAIR_TOL and rest == 0.0, (err, rest)
+        out = out[1]
+    assert out.shape == x.shape
+    err, rest = pair_err(out, far, mode, n_dims)
+    assert err <= PAIR_TOL and rest == 0.0, (err, rest)
+    # the scale is applied: without it the pairs are off by |1 - m| of their norm
+    assert pair_err(out, rope_np(x32, P, mode, n_dims, rate), mode, n_dims)[0] > 0.5 * abs(1.0 - m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_key_then_inverse_is_the_models_rope(backend):
+    """What the engine relies on: the window's keys rebuilt from KEY_FULL's far keys (KEY_INVERSE) are the keys
+    ggml_rope_ext gives, and a pair at shift 0 is the vector times the scale."""
+    x, pos, table, cfg = make_case(17, NORMAL, 8, 2, 128, 128, False, True, True, n_tokens=40)
+    pos[4] = 0
+    rate = rate_of(cfg)
+    k_far = run(x.astype(np.float32), pos, table, cfg, backend, full=True, attn_factor=1.25)
+    back = run(k_far, pos, table, cfg, backend, inverse=True)
+    ref = scale_rotated(rope_np(x.astype(np.float32), pos, NORMAL, 128, rate), mscale_of(cfg, 1.25), NORMAL, 128)
+    assert pair_err(back, ref, NORMAL, 128)[0] <= 2 * PAIR_TOL
+    np.testing.assert_allclose(k_far[4], x[4].astype(np.float32) * np.float32(mscale_of(cfg, 1.25)), rtol=1e-6)
+
+
+def test_full_kinds_threads_agree():
+    x, pos, table, cfg = make_case(6, NEOX, 12, 4, 64, 64, True, False, True, n_tokens=150)
+    one = run(x.astype(np.float32), pos, table, cfg, full=True, n_threads=1)
+    for n in (2, 3, 5):
+        np.testing.assert_array_equal(run(x.astype(np.float32), pos, table, cfg, full=True, n_threads=n), one)
+
+
+def test_attn_factor_needs_a_full_kind():
+    x, pos, table, cfg = make_case(8, NORMAL, 4, 2, 64, 64, False, False, False)
+    with pytest.raises(ValueError):
+        run(x.astype(np.float32), pos, table, cfg, attn_factor=0.5)
+
+
+# ---------------------------------------------------------------- rows: the window's keys read from the cache
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+@pytest.mark.parametrize("kind", ["inverse", "key", "query"])
+def test_rows_gather_from_the_cache(kind, cache_type, backend):
+    """ggml_rope_dpe_ext with rows: slot j of stream s is cell rows[s, j] of the cache (F32 or F16, converted
+    exactly as get_rows converts it) rotated at pos[s, j]; the same as gathering first and rotating after."""
+    rng = np.random.default_rng({"inverse": 1, "key": 2, "query": 3}[kind] + 10 * (cache_type == "f16"))
+    S, N, Hk, D, W, n_dims = 3, 500, 3, 64, 70, 64
+    cache = rng.standard_normal((S, N, Hk, D)).astype(np.float32)
+    rows = np.stack([np.sort(rng.choice(N, W, replace=False)) for _ in range(S)]).astype(np.int32)
+    pos = rng.integers(0, 100_000, (S, W)).astype(np.int32)
+    pos[:, -5:] = np.arange(5) + 1020                                # the window's edge
+    table = random_table(rng, Hk, n_dims // 2)
+    out = _native.rope_dpe_rows(cache, rows, pos, table, n_dims=n_dims, mode=NEOX, window=1024,
+                                is_query=kind == "query", inverse=kind == "inverse", freq_base=10000.0,
+                                cache_type=cache_type, backend=backend)
+    assert out.shape == (S, W, Hk, D)
+    stored = cache if cache_type == "f32" else cache.astype(np.float16).astype(np.float32)
+    cfg = dict(mode=NEOX, n_dims=n_dims, window=1024, is_query=kind == "query", freq_base=10000.0, freq_scale=1.0,
+               ext_factor=0.0, n_ctx_orig=0, freq_factors=None)
+    rate = rate_of(cfg)
+    for s in range(S):
+        g = stored[s, rows[s]]                                       # [W, Hk, D]
+        sigma = sigma_per_head(table, Hk)
+        P = dpe_positions(pos[s], sigma, 1024, kind == "query")
+        delta = P - pos[s].astype(np.int64)[:, None, None]
+        ref = rotate(g, (-delta if kind == "inverse" else delta) * rate, NEOX, n_dims)
+        err, rest = pair_err(out[s], ref, NEOX, n_dims)
+        assert err <= PAIR_TOL and rest == 0.0, (s, err, rest)
+        # the same as the op on the gathered rows
+        np.testing.assert_array_equal(out[s], run(g, pos[s], table, cfg, backend, inverse=kind == "inverse"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_refuse_cells_outside_the_cache(backend):
+    cache = np.zeros((1, 10, 1, 8), np.float32)
+    with pytest.raises(ValueError):
+        _native.rope_dpe_rows(cache, np.array([[3, 10]], np.int32), np.zeros((1, 2), np.int32),
+                              np.ones((1, 4), np.float32), n_dims=8, mode=NORMAL, window=4, freq_base=10000.0,
+                              backend=backend)
