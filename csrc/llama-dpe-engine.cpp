@@ -43,6 +43,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -312,7 +313,11 @@ void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatc
         }
         ggml_backend_tensor_set(inp->dpe_kq_mask, mask.data(), 0, mask.size());
     }
-    ggml_backend_tensor_set(inp->dpe_pos_q,   pos_q.data(), 0, ggml_nbytes(inp->dpe_pos_q));
+    // the query positions feed DPE's attention kernel and the near-score merge; the doubled-head stock call of a
+    // graph whose rotations read the model's own positions uses neither, and an input no node reads has no buffer
+    if (inp->dpe_pos_q->buffer != nullptr) {
+        ggml_backend_tensor_set(inp->dpe_pos_q, pos_q.data(), 0, ggml_nbytes(inp->dpe_pos_q));
+    }
     ggml_backend_tensor_set(inp->dpe_win_idx, idx.data(),   0, ggml_nbytes(inp->dpe_win_idx));
     ggml_backend_tensor_set(inp->dpe_win_pos, wpos.data(),  0, ggml_nbytes(inp->dpe_win_pos));
 }
@@ -354,25 +359,71 @@ static bool dpe_accelerators_support(const llm_graph_context & g, const ggml_ten
     return true;
 }
 
-// GGML_OP_ROPE_DPE of layer il with the model's own rope parameters
-static ggml_tensor * dpe_rope(const llm_graph_context & g, int il, ggml_tensor * x, ggml_tensor * pos, int kind) {
+// the divisor table of layer il: [n_rot/2, n_head_kv]
+static ggml_tensor * dpe_table(const llm_graph_context & g, int il) {
     const auto & dpe = g.hparams.dpe;
-    ggml_tensor * table = ggml_view_2d(g.ctx0, dpe.table, dpe.table->ne[0], dpe.table->ne[1], dpe.table->nb[1],
-                                       (size_t) il*dpe.table->nb[2]);
+    return ggml_view_2d(g.ctx0, dpe.table, dpe.table->ne[0], dpe.table->ne[1], dpe.table->nb[1],
+                        (size_t) il*dpe.table->nb[2]);
+}
+
+// GGML_OP_ROPE_DPE of layer il with the model's own rope parameters (rows: see ggml_rope_dpe_ext)
+static ggml_tensor * dpe_rope(const llm_graph_context & g, int il, ggml_tensor * x, ggml_tensor * pos, int kind,
+                              ggml_tensor * rows = nullptr, float attn_factor = 1.0f) {
+    const auto & dpe = g.hparams.dpe;
     ggml_tensor * factors = dpe.model->get_rope_factors(g.cparams, il);
     // LLAMA_ROPE_TYPE_NORM/NEOX are GGML's mode values
-    return ggml_rope_dpe(g.ctx0, x, pos, table, factors, (int) g.n_rot, g.rope_type, g.n_ctx_orig, g.freq_base,
-                         g.freq_scale, g.ext_factor, g.beta_fast, g.beta_slow, (int) dpe.window, kind);
+    return ggml_rope_dpe_ext(g.ctx0, x, pos, dpe_table(g, il), factors, rows, (int) g.n_rot, g.rope_type, g.n_ctx_orig,
+                             g.freq_base, g.freq_scale, g.ext_factor, attn_factor, g.beta_fast, g.beta_slow,
+                             (int) dpe.window, kind);
+}
+
+// Whether t is the model's own rotation of its input (ggml_rope_ext with the graph's rope parameters and the
+// layer's rope factors, no position offset): DPE's full kinds can then rotate the input in its place.
+static bool dpe_is_model_rope(const llm_graph_context & g, int il, const ggml_tensor * t, int64_t n_tokens) {
+    if (t->op != GGML_OP_ROPE || t->src[0]->type != GGML_TYPE_F32 || t->src[0]->nb[0] != sizeof(float) ||
+        t->src[1]->ne[0] != n_tokens) {
+        return false;
+    }
+    const int32_t * op = t->op_params;
+    float fp[6]; // freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow
+    memcpy(fp, op + 5, sizeof(fp));
+    return op[1] == (int32_t) g.n_rot && op[2] == (int32_t) g.rope_type && op[4] == (int32_t) g.n_ctx_orig &&
+           op[15] == 0 && fp[0] == g.freq_base && fp[1] == g.freq_scale && fp[2] == g.ext_factor &&
+           fp[4] == g.beta_fast && fp[5] == g.beta_slow &&
+           t->src[2] == g.hparams.dpe.model->get_rope_factors(g.cparams, il);
+}
+
+static float dpe_rope_attn_factor(const ggml_tensor * rope) {
+    float f;
+    memcpy(&f, rope->op_params + 8, sizeof(f));
+    return f;
 }
 
 ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
-                                 ggml_tensor * q_cur, ggml_tensor *& k_cur) {
+                                 ggml_tensor *& q_cur, ggml_tensor *& k_cur) {
     if (!g.hparams.dpe.active() || inp->dpe_win_idx == nullptr) {
         return nullptr;
     }
-    ggml_tensor * q_far = dpe_rope(g, il, q_cur, inp->dpe_pos_q, GGML_ROPE_DPE_QUERY);
+    const int64_t n_tokens = inp->dpe_pos_q->ne[0];
+    ggml_tensor * q_far;
+    if (dpe_is_model_rope(g, il, q_cur, n_tokens) && q_cur->ne[3] == 1) {
+        // one node for the model's rotation and DPE's: [q ; q_far] from the unrotated queries (at the model's
+        // positions input, which the graph's inputs then still include)
+        ggml_tensor * qq = dpe_rope(g, il, q_cur->src[0], q_cur->src[1], GGML_ROPE_DPE_QUERY_PAIR, nullptr,
+                                    dpe_rope_attn_factor(q_cur));
+        ggml_format_name(qq, "dpe_q_pair-%d", il);
+        q_cur = ggml_view_3d(g.ctx0, qq, qq->ne[0], qq->ne[1], qq->ne[2], qq->nb[1], qq->nb[2], 0);
+        q_far = ggml_view_3d(g.ctx0, qq, qq->ne[0], qq->ne[1], qq->ne[2], qq->nb[1], qq->nb[2], qq->nb[3]);
+    } else {
+        q_far = dpe_rope(g, il, q_cur, inp->dpe_pos_q, GGML_ROPE_DPE_QUERY);
+    }
     ggml_format_name(q_far, "dpe_q_far-%d", il);
-    k_cur = dpe_rope(g, il, k_cur, inp->dpe_pos_q, GGML_ROPE_DPE_KEY);
+    if (dpe_is_model_rope(g, il, k_cur, n_tokens)) {
+        k_cur = dpe_rope(g, il, k_cur->src[0], k_cur->src[1], GGML_ROPE_DPE_KEY_FULL, nullptr,
+                         dpe_rope_attn_factor(k_cur));
+    } else {
+        k_cur = dpe_rope(g, il, k_cur, inp->dpe_pos_q, GGML_ROPE_DPE_KEY);
+    }
     ggml_format_name(k_cur, "dpe_k_far-%d", il);
     return q_far;
 }
@@ -391,18 +442,25 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     const int64_t n_win    = inp->dpe_win_idx->ne[0];
     const bool    v_trans  = v->nb[1] > v->nb[2];
 
-    // the window's ordinary keys: its cells' far keys from the cache, rotated back
-    ggml_tensor * k_win = ggml_get_rows(ctx, ggml_view_3d(ctx, k, d*n_h_kv, n_kv, n_stream, k->nb[2], k->nb[3], 0),
-                                        inp->dpe_win_idx); // F32 [d*n_h_kv, n_win, n_stream]
-    if (inp->self_k_rot) {
-        k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
+    // the window's ordinary keys: its cells' far keys from the cache, rotated back (one node that reads the cells
+    // where it can; through get_rows for other cache types and when the cache holds Hadamard-rotated keys)
+    ggml_tensor * k_win;
+    ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
+    if (!inp->self_k_rot && (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32)) {
+        k_win = dpe_rope(g, il, k, win_pos, GGML_ROPE_DPE_KEY_INVERSE, inp->dpe_win_idx);
+    } else {
+        k_win = ggml_get_rows(ctx, ggml_view_3d(ctx, k, d*n_h_kv, n_kv, n_stream, k->nb[2], k->nb[3], 0),
+                              inp->dpe_win_idx); // F32 [d*n_h_kv, n_win, n_stream]
+        if (inp->self_k_rot) {
+            k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
+        }
+        k_win = dpe_rope(g, il, ggml_reshape_3d(ctx, k_win, d, n_h_kv, n_win*n_stream), win_pos,
+                         GGML_ROPE_DPE_KEY_INVERSE);
+        if (inp->self_k_rot) {
+            k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
+        }
+        k_win = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
     }
-    k_win = dpe_rope(g, il, ggml_reshape_3d(ctx, k_win, d, n_h_kv, n_win*n_stream),
-                     ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream), GGML_ROPE_DPE_KEY_INVERSE);
-    if (inp->self_k_rot) {
-        k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
-    }
-    k_win = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
     ggml_format_name(k_win, "dpe_k_win-%d", il);
 
     // [d, n_head, n_tokens] -> [d, n_tokens/n_stream, n_head, n_stream], as build_attn_mha splits streams

@@ -31,9 +31,11 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
 void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatch * ubatch);
 
 // llm_graph_context::build_attn (KV cache), first: when DPE is on, rotate k_cur to far keys (what the cache
-// stores) and return the far queries; nullptr (k_cur unchanged) when DPE is off for this graph.
+// stores) and return the far queries; nullptr (q_cur, k_cur unchanged) when DPE is off for this graph. Where
+// q_cur and k_cur are the model's own rope nodes, DPE's rotations replace them (q_cur becomes a view of the
+// node that also holds the far queries), so each is rotated by one node, as in stock.
 ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
-                                 ggml_tensor * q_cur, ggml_tensor *& k_cur);
+                                 ggml_tensor *& q_cur, ggml_tensor *& k_cur);
 
 // llm_graph_context::build_attn (KV cache), in place of build_attn_mha when llama_dpe_build_qk returned far
 // queries: one softmax over near scores (q against the window's keys) and far scores (q_far against the
