@@ -5,11 +5,13 @@
 //
 // - The KV cache stores far keys. A far key depends on its own cell only,
 //   k_far(j) = rotate(k(j), (P_k(j, sigma) - j) * theta_f), so llama_dpe_build_qk rotates the ubatch's new keys
-//   once, before they are written (GGML_OP_ROPE_DPE, kind KEY), and computes the far queries the same way.
-//   KV memory is stock's.
+//   once, before they are written, and computes the far queries the same way. Where q and k are the model's
+//   own rope nodes, GGML_OP_ROPE_DPE kinds QUERY_PAIR and KEY_FULL replace them (one node each, as stock);
+//   otherwise kinds QUERY and KEY turn the rope's output. KV memory is stock's.
 // - Near scores exist only for cells within w of some query of the ubatch: the window set. Its cells are found
 //   on the host from the cells' positions and sequences (at most w - 1 per sequence plus the ubatch's own
-//   tokens), gathered from the cache (get_rows) and rotated back to ordinary keys (kind KEY_INVERSE).
+//   tokens), read from the cache and rotated back to ordinary keys (kind KEY_INVERSE with a row index; get_rows
+//   first for quantized caches and Hadamard-rotated ones).
 // - Without flash attention the score matrix keeps stock's width n_kv: far scores of the far queries against
 //   the cache (stock's matmul), near scores of the ordinary queries against the window cells, merged in place
 //   where 0 <= i - j < w (GGML_OP_DPE_NEAR_SCORES), then stock's masked softmax and V product.
