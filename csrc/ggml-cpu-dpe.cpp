@@ -7,6 +7,7 @@
 #include "ops.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #include <vector>
@@ -50,14 +51,15 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
     // the position a row (i2, i3) is rotated at: per token, or per (slot, stream) with rows
     auto pos_index = [&](int64_t i2, int64_t i3) -> int64_t { return rows ? i3*ne2 + i2 : i2; };
 
-    // (cos, sin) per frequency for the current (position, KV head); rot[f] == 0: delta 0, copy the pair.
-    // The angle depends on (pos, s, f) only: cache_s[f] remembers the divisor the entry was computed for, so
-    // KV heads that share a divisor (s_g or 1 per frequency in DPE tables) reuse it within a position.
-    float   cache[2*GGML_DPE_MAX_F];
-    uint8_t rot[GGML_DPE_MAX_F];
-    int32_t cache_s[GGML_DPE_MAX_F];
-    int64_t cache_pi = -1;
-    int64_t cache_hk = -1;
+    // (cos, sin) per (KV head, frequency) at the current position; rot == 0: delta 0, copy the pair. The angle
+    // depends on (pos, s, f) only, so KV heads that share a divisor (s_g or 1 per frequency in DPE tables) share
+    // an entry, and consecutive rows at one position (its heads; the window's padding slots, all at INT32_MAX)
+    // share the whole cache.
+    static thread_local std::vector<float>   cache_cs; // [hk][f][2]
+    static thread_local std::vector<uint8_t> cache_rot; // [hk][f]
+    cache_cs.resize((size_t) 2*n_head_kv*n_f);
+    cache_rot.resize((size_t) n_head_kv*n_f);
+    int64_t cache_p = INT64_MIN;
 
     // NORMAL: pair (2f, 2f+1); NEOX: pair (f, f + n_dims/2)
     const int64_t pair_step = ggml_get_op_params_i32(dst, GGML_ROPE_DPE_P_MODE) == GGML_ROPE_TYPE_NEOX ? 1   : 2;
@@ -163,50 +165,58 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
         const int64_t i1 = ir - i3*ne1*ne2 - i2*ne1;
         const int64_t hk = i1/n_group;
         const int64_t pi = pos_index(i2, i3);
+        const int32_t p  = pos[pi];
 
-        if (pi != cache_pi || hk != cache_hk) {
-            if (pi != cache_pi) {
-                memset(cache_s, 0, n_f*sizeof(int32_t));
+        if (p != cache_p) {
+            for (int64_t h = 0; h < n_head_kv; h++) {
+                const head_freq * hrow = hf.data() + h*n_f;
+                float   * cs  = cache_cs.data() + 2*h*n_f;
+                uint8_t * rot = cache_rot.data() + h*n_f;
+                for (int f = 0; f < n_f; f++) {
+                    const int32_t s = hrow[f].s;
+                    int64_t same = -1; // an earlier KV head with this divisor at f
+                    for (int64_t h2 = 0; h2 < h && same < 0; h2++) {
+                        same = hf[h2*n_f + f].s == s ? h2 : -1;
+                    }
+                    if (same >= 0) {
+                        rot[f]       = cache_rot[same*n_f + f];
+                        cs[2*f + 0]  = cache_cs[2*(same*n_f + f) + 0];
+                        cs[2*f + 1]  = cache_cs[2*(same*n_f + f) + 1];
+                        continue;
+                    }
+                    // ggml_dpe_delta_kind without its divisions (the same integers)
+                    const int64_t delta = ggml_dpe_shift_from(floor_div(p, s, hrow[f].inv_s),
+                                                              floor_div(window, s, hrow[f].inv_s), p, window, kind);
+                    rot[f] = delta != 0 || full;
+                    if (!rot[f]) {
+                        continue;
+                    }
+                    const angle_table * t = hrow[f].t;
+                    const int64_t a = dpe_floor_div64(delta, GGML_DPE_ANGLE_B);
+                    const int64_t b = delta - a*GGML_DPE_ANGLE_B;
+                    float hi[2];
+                    float lo[2];
+                    if (t != nullptr) {
+                        memcpy(hi, tab_data.data() + t->off + 2*(a - t->a_lo), sizeof(hi));
+                        memcpy(lo, tab_data.data() + t->off + 2*(t->n_hi + b), sizeof(lo));
+                    } else {
+                        const float theta_hi = ggml_dpe_angle(a*GGML_DPE_ANGLE_B, rate[f]);
+                        const float theta_lo = ggml_dpe_angle(b, rate[f]);
+                        hi[0] = cosf(theta_hi); hi[1] = sinf(theta_hi);
+                        lo[0] = cosf(theta_lo); lo[1] = sinf(theta_lo);
+                    }
+                    cs[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
+                    cs[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
+                    if (full) {
+                        cs[2*f + 0] *= mscale;
+                        cs[2*f + 1] *= mscale;
+                    }
+                }
             }
-            const head_freq * hrow = hf.data() + hk*n_f;
-            const int32_t p = pos[pi];
-            for (int f = 0; f < n_f; f++) {
-                const int32_t s = hrow[f].s;
-                if (s == cache_s[f]) {
-                    continue;
-                }
-                cache_s[f] = s;
-                // ggml_dpe_delta_kind without its divisions (the same integers)
-                const int64_t delta = ggml_dpe_shift_from(floor_div(p, s, hrow[f].inv_s),
-                                                          floor_div(window, s, hrow[f].inv_s), p, window, kind);
-                rot[f] = delta != 0 || full;
-                if (!rot[f]) {
-                    continue;
-                }
-                const angle_table * t = hrow[f].t;
-                const int64_t a = dpe_floor_div64(delta, GGML_DPE_ANGLE_B);
-                const int64_t b = delta - a*GGML_DPE_ANGLE_B;
-                float hi[2];
-                float lo[2];
-                if (t != nullptr) {
-                    memcpy(hi, tab_data.data() + t->off + 2*(a - t->a_lo), sizeof(hi));
-                    memcpy(lo, tab_data.data() + t->off + 2*(t->n_hi + b), sizeof(lo));
-                } else {
-                    const float theta_hi = ggml_dpe_angle(a*GGML_DPE_ANGLE_B, rate[f]);
-                    const float theta_lo = ggml_dpe_angle(b, rate[f]);
-                    hi[0] = cosf(theta_hi); hi[1] = sinf(theta_hi);
-                    lo[0] = cosf(theta_lo); lo[1] = sinf(theta_lo);
-                }
-                cache[2*f + 0] = hi[0]*lo[0] - hi[1]*lo[1];
-                cache[2*f + 1] = hi[1]*lo[0] + hi[0]*lo[1];
-                if (full) {
-                    cache[2*f + 0] *= mscale;
-                    cache[2*f + 1] *= mscale;
-                }
-            }
-            cache_pi = pi;
-            cache_hk = hk;
+            cache_p = p;
         }
+        const float   * cache = cache_cs.data() + 2*hk*n_f;
+        const uint8_t * rot   = cache_rot.data() + hk*n_f;
 
         const int64_t src_i2 = rows ? rows[pi] : i2;
         const int64_t src_i3 = pair_src ? 0 : i3;
