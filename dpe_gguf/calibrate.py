@@ -42,7 +42,7 @@ from dpe_gguf import evaltasks, paths
 from dpe_gguf.errors import DPEError
 from dpe_gguf.gguf_stream import write_atomic
 from dpe_gguf.model_info import read_model_info
-from dpe_gguf.params import DPEParams, topk_mask
+from dpe_gguf.params import DPEParams, check_target_context, check_window, topk_mask
 from dpe_gguf.llama_session import LlamaSession, quiet_llama_log
 
 CALIBRATION_VERSION = 1
@@ -102,11 +102,10 @@ def default_window(L: int) -> int:
 
 
 def check_extension(target: int, window: int, L: int) -> None:
-    """Refuse a window that is not below the trained context L, or a target that is not above it."""
-    if window >= L:
-        raise DPEError(f"window {window} is not below the trained context {L}")
-    if target <= L:
-        raise DPEError(f"target context {target} is not above the trained context {L}: nothing to extend")
+    """Refuse a window that is not below the trained context L, or a target that is not above it (the
+    rules of dpe_gguf.params, which convert applies too)."""
+    check_window(window, L)
+    check_target_context(target, L)
 
 
 @dataclass
@@ -223,7 +222,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: _Cach
     ctx_args = context_cap_args(info.arch, n_ctx)
     if s.ngl == 0:
         _say("detection runs on the CPU: prompts of this length take minutes each; a CUDA build "
-             f"(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)
+             "(CMAKE_ARGS=-DGGML_CUDA=on) runs the whole sweep in minutes; --quick tries 3 divisors per group", quiet)
     work = Path(tempfile.mkdtemp(prefix="dpe-calibrate-"))
     lock = threading.Lock()
     measured: dict[tuple[int, ...], list[float]] = {}

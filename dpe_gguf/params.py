@@ -88,21 +88,33 @@ class DPEParams:
     def check_for_model(self, n_freq: int, context_length: int, where: str = "model") -> None:
         """Raise :class:`DPEError` if these parameters do not fit a model with ``F = n_freq``
         frequencies and training context ``L = context_length``."""
-        if self.window >= context_length:
-            raise DPEError(
-                f"window {self.window} must be smaller than the trained context {context_length} of "
-                f"{where} (positions closer than the window use ordinary RoPE); pick e.g. --window "
-                f"{min(1024, context_length // 4) or 1}")
+        check_window(self.window, context_length, where)
         if self.n_groups > n_freq:
             raise DPEError(
                 f"{self.n_groups} group scales given but {where} has only F = {n_freq} rotary "
                 f"frequencies; give between 1 and {n_freq} scales (8 is the usual choice)")
         if self.topk is not None and not 1 <= self.topk <= n_freq:
             raise DPEError(f"topk {self.topk} is outside [1, {n_freq}] (F = n_rot/2 of {where})")
-        if self.target_context is not None and self.target_context < context_length:
-            raise DPEError(
-                f"target context {self.target_context} is below the trained context {context_length} "
-                f"of {where}; DPE extends the context, give a target >= {context_length}")
+        if self.target_context is not None:
+            check_target_context(self.target_context, context_length, where)
+
+
+# The two rules every entry point (convert, calibrate, detection) applies, in one place.
+
+def check_window(window: int, context_length: int, where: str = "the model") -> None:
+    """The window must be below the trained context ``L`` (docs/design.md section 2)."""
+    if window >= context_length:
+        raise DPEError(
+            f"window {window} is not below the trained context {context_length} of {where} (positions closer "
+            f"than the window use ordinary RoPE); pick e.g. --window {min(1024, context_length // 4) or 1}")
+
+
+def check_target_context(target: int, context_length: int, where: str = "the model") -> None:
+    """A target context must be above the trained context ``L``: DPE extends the context."""
+    if target <= context_length:
+        raise DPEError(
+            f"target context {target} is not above the trained context {context_length} of {where}: "
+            f"nothing to extend; give a target > {context_length}")
 
 
 def group_of(n_freq: int, n_groups: int) -> np.ndarray:

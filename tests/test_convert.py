@@ -360,8 +360,8 @@ def test_glm4_without_sections_is_normal(tmp_path):
 
 
 @pytest.mark.parametrize("extra,window,scales,expect", [
-    ([], "512", "1,2", "smaller than the trained context"),     # W = L
-    ([], "9999", "1,2", "smaller than the trained context"),    # W > L
+    ([], "512", "1,2", "window 512 is not below the trained context 512"),     # W = L
+    ([], "9999", "1,2", "not below the trained context"),       # W > L
     ([], "0", "1,2", "window must be >= 1"),
     ([], "-3", "1,2", "window must be >= 1"),
     ([], "100", "1,0,2", "integers >= 1"),
@@ -372,7 +372,8 @@ def test_glm4_without_sections_is_normal(tmp_path):
     ([], "100", "1,,2", "not an integer"),
     ([], "100", ",".join(["2"] * 9), "only F = 8"),              # G > F
     (["--topk", "9"], "100", "1,2", "topk 9 is outside"),        # checked before scores are measured
-    (["--target-context", "100"], "100", "1,2", "below the trained context"),
+    (["--target-context", "100"], "100", "1,2", "target context 100 is not above the trained context 512"),
+    (["--target-context", "512"], "100", "1,2", "nothing to extend"),   # T = L: the rule calibrate applies too
 ])
 def test_bad_parameters(llama, tmp_path, capsys, extra, window, scales, expect):
     _bad(tmp_path, conv(llama, *extra, window=window, scales=scales), capsys, expect)

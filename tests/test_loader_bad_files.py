@@ -122,7 +122,7 @@ REFUSED = {
     "version-0": (u32("dpe.version", 0), KEEP, "DPE: unknown dpe.version 0"),
     "window-at-trained-context": (u32("dpe.window", TRAINED), KEEP,
                                   f"DPE: window {TRAINED} is not below the trained context {TRAINED}"),
-    "window-past-trained-context": (u32("dpe.window", 1000), KEEP, f"DPE: window 1000 is not below the trained"),
+    "window-past-trained-context": (u32("dpe.window", 1000), KEEP, "DPE: window 1000 is not below the trained"),
     "window-uint32-max": (u32("dpe.window", UINT32_MAX), KEEP, f"DPE: window {UINT32_MAX} is not below"),
     "divisor-nan": ({}, table(float("nan")), "nan at layer 1, KV head 0, frequency 3"),
     "divisor-zero": ({}, table(0.0), "DPE: rope_dpe.weight holds 0 at layer 1, KV head 0, frequency 3"),
