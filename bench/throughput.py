@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
         key = (r["flash_attn"], test, r["n_depth"])
         by.setdefault(key, {})[r["model_filename"]] = r["avg_ts"]
-    print(f"| fa | test | depth | stock t/s | DPE t/s | DPE / stock |")
+    print("| fa | test | depth | stock t/s | DPE t/s | DPE / stock |")
     print("| --- | --- | --- | --- | --- | --- |")
     for (fa, test, depth), v in sorted(by.items(), key=lambda kv: (-int(kv[0][0]), kv[0][1], kv[0][2])):
         s, d = v.get(args.stock), v.get(args.dpe)
