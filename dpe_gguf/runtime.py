@@ -136,7 +136,8 @@ class Server:
         if exc_type is None:  # keep the log of a failed run for the error message / the user
             Path(self._logf.name).unlink(missing_ok=True)
 
-    def _post(self, path: str, body: dict, timeout: float = 3600.0) -> dict:
+    def post(self, path: str, body: dict, timeout: float = 3600.0) -> dict:
+        """POST a JSON body to one of llama-server's endpoints; its JSON answer (errors as DPEError)."""
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
@@ -151,13 +152,13 @@ class Server:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as a prompt body (no BOS)."""
-        return self._post("/tokenize", {"content": text, "add_special": False})["tokens"]
+        return self.post("/tokenize", {"content": text, "add_special": False})["tokens"]
 
     def complete(self, prompt: str, n_predict: int) -> dict:
         """Greedy continuation of `prompt` (BOS added as llama.cpp does for the model).
 
         Returns the text and llama.cpp's own counts and timings."""
-        res = self._post("/completion", {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0,
+        res = self.post("/completion", {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0,
                                          "top_k": 1, "seed": 0, "cache_prompt": True, "stream": False})
         timings = res.get("timings", {})
         return dict(text=res["content"], prompt_tokens=res.get("tokens_evaluated"),
