@@ -134,8 +134,9 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
         }
     }
 
-    // per (KV head, f): the divisor, its reciprocal (floor(p/s) without a division per row), and its angle table
-    struct head_freq { int32_t s; double inv_s; const angle_table * t; };
+    // per (KV head, f): the divisor, its reciprocal (floor(p/s) without a division per row), its angle table, and
+    // the first KV head with the same divisor at f (whose angle this head shares)
+    struct head_freq { int32_t s; double inv_s; const angle_table * t; int64_t first; };
     static thread_local std::vector<head_freq> hf;
     hf.resize((size_t) n_head_kv*n_f);
     for (int64_t hk = 0; hk < n_head_kv; hk++) {
@@ -147,7 +148,11 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
             for (int k = 0; k < n_tabs[f]; k++) {
                 t = tabs[f*n_head_kv + k].s == sv ? &tabs[f*n_head_kv + k] : t;
             }
-            hf[hk*n_f + f] = { sv, 1.0/sv, t };
+            int64_t first = hk;
+            for (int64_t h2 = hk - 1; h2 >= 0; h2--) {
+                first = hf[h2*n_f + f].s == sv ? h2 : first;
+            }
+            hf[hk*n_f + f] = { sv, 1.0/sv, t, first };
         }
     }
     // floor(p/s), exactly: the double estimate is off by at most one either way
@@ -180,15 +185,12 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
                 float   * cs  = ccs + 2*h*n_f;
                 uint8_t * rot = crot + h*n_f;
                 for (int f = 0; f < n_f; f++) {
-                    const int32_t s = hrow[f].s;
-                    int64_t same = -1; // an earlier KV head with this divisor at f
-                    for (int64_t h2 = 0; h2 < h && same < 0; h2++) {
-                        same = hfp[h2*n_f + f].s == s ? h2 : -1;
-                    }
-                    if (same >= 0) {
-                        rot[f]       = crot[same*n_f + f];
-                        cs[2*f + 0]  = ccs[2*(same*n_f + f) + 0];
-                        cs[2*f + 1]  = ccs[2*(same*n_f + f) + 1];
+                    const int32_t s     = hrow[f].s;
+                    const int64_t first = hrow[f].first;
+                    if (first != h) { // computed for an earlier KV head
+                        rot[f]      = crot[first*n_f + f];
+                        cs[2*f + 0] = ccs[2*(first*n_f + f) + 0];
+                        cs[2*f + 1] = ccs[2*(first*n_f + f) + 1];
                         continue;
                     }
                     // ggml_dpe_delta_kind without its divisions (the same integers)

@@ -74,6 +74,14 @@ static ggml_backend_buffer_ptr dpe_alloc_for(ggml_backend_t backend, ggml_contex
     return buf;
 }
 
+// the GGML_OP_ROPE_DPE kind of the bindings' flags
+static int dpe_rope_kind(bool is_query, bool inverse, bool full) {
+    if (full) {
+        return is_query ? GGML_ROPE_DPE_QUERY_PAIR : GGML_ROPE_DPE_KEY_FULL;
+    }
+    return inverse ? GGML_ROPE_DPE_KEY_INVERSE : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY;
+}
+
 static py::array_t<float> rope_dpe(
         py::array a_in, py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
         py::array_t<float, py::array::c_style | py::array::forcecast> table,
@@ -129,8 +137,7 @@ static py::array_t<float> rope_dpe(
     ggml_tensor * t_pos   = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_tokens);
     ggml_tensor * t_table = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_dims / 2, table.shape(0));
     ggml_tensor * t_ff    = has_ff ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_F32, n_dims / 2) : nullptr;
-    const int kind = full ? (is_query ? GGML_ROPE_DPE_QUERY_PAIR : GGML_ROPE_DPE_KEY_FULL)
-                          : inverse ? GGML_ROPE_DPE_KEY_INVERSE : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY;
+    const int kind = dpe_rope_kind(is_query, inverse, full);
     ggml_tensor * t_out   = ggml_rope_dpe_ext(ctx.get(), t_a, t_pos, t_table, t_ff, nullptr, n_dims, mode, n_ctx_orig,
                                               freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow,
                                               window, kind);
@@ -149,62 +156,6 @@ static py::array_t<float> rope_dpe(
     py::array_t<float> out = n_out == 1 ? py::array_t<float>({n_tokens, n_head, n_embd_head})
                                         : py::array_t<float>({n_out, n_tokens, n_head, n_embd_head});
     compute_into(backend.get(), gf, t_out, out, "rope_dpe", backend_name);
-    return out;
-}
-
-static ggml_type dpe_type_by_name(const std::string & name);
-static std::vector<uint8_t> dpe_to_type(const float * x, int64_t rows, int64_t n, ggml_type t);
-
-// -- rope_dpe_rows: GGML_OP_ROPE_DPE that gathers its rows from a cache (ggml_rope_dpe_ext with rows) -------
-
-static py::array_t<float> rope_dpe_rows(
-        py::array_t<float, py::array::c_style | py::array::forcecast> cache,
-        py::array_t<int32_t, py::array::c_style | py::array::forcecast> rows,
-        py::array_t<int32_t, py::array::c_style | py::array::forcecast> pos,
-        py::array_t<float, py::array::c_style | py::array::forcecast> table,
-        int n_dims, int mode, int window, bool is_query, bool inverse, float freq_base, const std::string & cache_type,
-        const std::string & backend_name, int n_threads) {
-    if (cache.ndim() != 4 || rows.ndim() != 2 || pos.ndim() != 2) {
-        throw py::value_error("cache: float32 [n_stream, n_cells, n_head_kv, n_embd_head]; rows, pos: int32 [n_stream, n_slots]");
-    }
-    const int64_t n_stream = cache.shape(0), n_cells = cache.shape(1), n_head = cache.shape(2), d = cache.shape(3);
-    const int64_t n_slots = rows.shape(1);
-    if (rows.shape(0) != n_stream || pos.shape(0) != n_stream || pos.shape(1) != n_slots) {
-        throw py::value_error("rows and pos must be [n_stream, n_slots]");
-    }
-    for (int64_t i = 0; i < rows.size(); ++i) {
-        if (rows.data()[i] < 0 || rows.data()[i] >= n_cells) {
-            throw py::value_error("rows must index cells 0 .. n_cells-1");
-        }
-    }
-    if (table.ndim() != 2 || table.shape(1) != n_dims / 2 || n_head % table.shape(0) != 0) {
-        throw py::value_error("table must be float32 [n_head_kv, n_dims/2]");
-    }
-    if (inverse && is_query) {
-        throw py::value_error("inverse rotates far keys back: it needs is_query=False");
-    }
-    const ggml_type t_cache = dpe_type_by_name(cache_type);
-    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
-    ggml_init_params params = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
-    ggml_context_ptr ctx(ggml_init(params));
-    ggml_tensor * t_cache_t = ggml_new_tensor_4d(ctx.get(), t_cache, d, n_head, n_cells, n_stream);
-    ggml_tensor * t_rows    = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, n_slots, n_stream);
-    ggml_tensor * t_pos     = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_slots*n_stream);
-    ggml_tensor * t_table   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_dims / 2, table.shape(0));
-    ggml_tensor * t_out     = ggml_rope_dpe_ext(ctx.get(), t_cache_t, t_pos, t_table, nullptr, t_rows, n_dims, mode, 0,
-                                                freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f, window,
-                                                inverse ? GGML_ROPE_DPE_KEY_INVERSE
-                                                        : is_query ? GGML_ROPE_DPE_QUERY : GGML_ROPE_DPE_KEY);
-    ggml_cgraph * gf = ggml_new_graph(ctx.get());
-    ggml_build_forward_expand(gf, t_out);
-    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "rope_dpe_rows", backend_name);
-    const std::vector<uint8_t> bytes = dpe_to_type(cache.data(), n_stream*n_cells*n_head, d, t_cache);
-    ggml_backend_tensor_set(t_cache_t, bytes.data(), 0, bytes.size());
-    ggml_backend_tensor_set(t_rows, rows.data(), 0, ggml_nbytes(t_rows));
-    ggml_backend_tensor_set(t_pos, pos.data(), 0, ggml_nbytes(t_pos));
-    ggml_backend_tensor_set(t_table, table.data(), 0, ggml_nbytes(t_table));
-    py::array_t<float> out({n_stream, n_slots, n_head, d});
-    compute_into(backend.get(), gf, t_out, out, "rope_dpe_rows", backend_name);
     return out;
 }
 
@@ -247,7 +198,7 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     return out;
 }
 
-// -- dpe_flash_attn: one GGML_OP_DPE_FLASH_ATTN node (for tests and the kernel harness) ---------------
+// -- ggml types (for the bindings below) -----------------------------------------------------------------
 
 static ggml_type dpe_type_by_name(const std::string & name) {
     for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
@@ -274,6 +225,57 @@ static std::vector<uint8_t> dpe_to_type(const float * x, int64_t rows, int64_t n
     }
     return out;
 }
+
+// -- rope_dpe_rows: GGML_OP_ROPE_DPE that gathers its rows from a cache (ggml_rope_dpe_ext with rows) -------
+
+static py::array_t<float> rope_dpe_rows(
+        f32_array cache, i32_array rows, i32_array pos, f32_array table,
+        int n_dims, int mode, int window, bool is_query, bool inverse, float freq_base, const std::string & cache_type,
+        const std::string & backend_name, int n_threads) {
+    if (cache.ndim() != 4 || rows.ndim() != 2 || pos.ndim() != 2) {
+        throw py::value_error("cache: float32 [n_stream, n_cells, n_head_kv, n_embd_head]; rows, pos: int32 [n_stream, n_slots]");
+    }
+    const int64_t n_stream = cache.shape(0), n_cells = cache.shape(1), n_head = cache.shape(2), d = cache.shape(3);
+    const int64_t n_slots = rows.shape(1);
+    if (rows.shape(0) != n_stream || pos.shape(0) != n_stream || pos.shape(1) != n_slots) {
+        throw py::value_error("rows and pos must be [n_stream, n_slots]");
+    }
+    for (int64_t i = 0; i < rows.size(); ++i) {
+        if (rows.data()[i] < 0 || rows.data()[i] >= n_cells) {
+            throw py::value_error("rows must index cells 0 .. n_cells-1");
+        }
+    }
+    if (table.ndim() != 2 || table.shape(1) != n_dims / 2 || n_head % table.shape(0) != 0) {
+        throw py::value_error("table must be float32 [n_head_kv, n_dims/2]");
+    }
+    if (inverse && is_query) {
+        throw py::value_error("inverse rotates far keys back: it needs is_query=False");
+    }
+    const ggml_type t_cache = dpe_type_by_name(cache_type);
+    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
+    ggml_init_params params = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
+    ggml_context_ptr ctx(ggml_init(params));
+    ggml_tensor * t_cache_t = ggml_new_tensor_4d(ctx.get(), t_cache, d, n_head, n_cells, n_stream);
+    ggml_tensor * t_rows    = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, n_slots, n_stream);
+    ggml_tensor * t_pos     = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_slots*n_stream);
+    ggml_tensor * t_table   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_dims / 2, table.shape(0));
+    ggml_tensor * t_out     = ggml_rope_dpe_ext(ctx.get(), t_cache_t, t_pos, t_table, nullptr, t_rows, n_dims, mode, 0,
+                                                freq_base, 1.0f, 0.0f, 1.0f, 32.0f, 1.0f, window,
+                                                dpe_rope_kind(is_query, inverse, false));
+    ggml_cgraph * gf = ggml_new_graph(ctx.get());
+    ggml_build_forward_expand(gf, t_out);
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "rope_dpe_rows", backend_name);
+    const std::vector<uint8_t> bytes = dpe_to_type(cache.data(), n_stream*n_cells*n_head, d, t_cache);
+    ggml_backend_tensor_set(t_cache_t, bytes.data(), 0, bytes.size());
+    ggml_backend_tensor_set(t_rows, rows.data(), 0, ggml_nbytes(t_rows));
+    ggml_backend_tensor_set(t_pos, pos.data(), 0, ggml_nbytes(t_pos));
+    ggml_backend_tensor_set(t_table, table.data(), 0, ggml_nbytes(t_table));
+    py::array_t<float> out({n_stream, n_slots, n_head, d});
+    compute_into(backend.get(), gf, t_out, out, "rope_dpe_rows", backend_name);
+    return out;
+}
+
+// -- round_trip, and dpe_flash_attn: one GGML_OP_DPE_FLASH_ATTN node (for tests and the kernel harness) --
 
 // x rounded to ggml's type: converted (quantized) and back, as a cache of that type holds it
 static py::array_t<float> round_trip(f32_array x, const std::string & type_name) {

@@ -156,6 +156,17 @@ class LlamaSession:
         b.n_tokens = len(ids)
         return self.lib.llama_decode(self.ctx, b)
 
+    def prompt_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float64 logits at every position of ``ids`` (sequence 0 from position 0, in decodes of ``n_batch``)."""
+        out = []
+        for c in range(0, len(ids), self.n_batch):
+            chunk = ids[c:c + self.n_batch]
+            code = self.decode(chunk, c, [True] * len(chunk))
+            if code != 0:
+                raise DPEError(f"{self.path}: llama_decode returned {code} at position {c}")
+            out += [self.logits(j).astype(np.float64) for j in range(len(chunk))]
+        return np.stack(out)
+
     def logits(self, j: int) -> np.ndarray:
         """The float32 logits of the last decode's ``j``-th token (a view: copy it to keep it)."""
         return np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, j), shape=(self.n_vocab,))

@@ -57,8 +57,7 @@ def logits(path, tokens, *, repack: bool, n_ubatch: int, n_threads: int) -> np.n
     """Logits at every position, the prompt fed in ubatches of n_ubatch; repack=False is --no-repack."""
     with LlamaSession(path, repack=repack) as s:
         s.open_context(n_ctx=256, n_batch=N_TOKENS, n_ubatch=n_ubatch, n_threads=n_threads, flash_attn=False)
-        assert s.decode(tokens, 0, [True] * len(tokens)) == 0
-        return np.stack([s.logits(j).astype(np.float64) for j in range(len(tokens))])
+        return s.prompt_logits(tokens)
 
 
 @pytest.fixture(scope="module")

@@ -273,11 +273,7 @@ def test_smollm2_2k_tokens_window_256(tmp_path, flash_attn):
     def run(path):
         with LlamaSession(path, n_gpu_layers=NGL, repack=False) as s:
             s.open_context(n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=2, flash_attn=flash_attn)
-            out = []
-            for c in range(0, len(tokens), 512):
-                assert s.decode(tokens[c:c + 512], c, [True] * 512) == 0
-                out += [s.logits(j).astype(np.float64) for j in range(512)]
-            return np.stack(out)
+            return s.prompt_logits(tokens)
 
     eng_dpe, eng_stock = run(dpe), run(model)
     ref_dpe = reference_logits(dpe, tokens, chunk=512)

@@ -145,13 +145,18 @@ CASES = [  # mode, n_head, n_head_kv, head_dim, n_dims
 ]
 
 
+def case_id(c):
+    """The test id of a CASES entry."""
+    return f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}"
+
+
 # ---------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
 @pytest.mark.parametrize("ff", [False, True], ids=["noff", "ff"])
 @pytest.mark.parametrize("is_query", [False, True], ids=["key", "query"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, is_query, ff, yarn, backend):
     mode, n_head, n_head_kv, head_dim, n_dims = case
     x, pos, table, cfg = make_case(hash((case, is_query, ff, yarn)) & 0xFFFF, mode, n_head, n_head_kv, head_dim,
@@ -260,7 +265,7 @@ def test_tolerance_catches_wrong_formulas():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_inverse_rotates_far_keys_back(case, yarn, backend):
     """The window's keys are rebuilt from the cache's far keys: KEY_INVERSE of the far key at pos is the key
     ordinary RoPE rotated at pos (float64 reference), to the op's own precision."""
@@ -375,7 +380,7 @@ def mscale_of(cfg, attn_factor):
 @pytest.mark.parametrize("yarn", [False, True], ids=["plain", "yarn"])
 @pytest.mark.parametrize("ff", [False, True], ids=["noff", "ff"])
 @pytest.mark.parametrize("is_query", [False, True], ids=["key_full", "query_pair"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'neox' if c[0] else 'norm'}-h{c[1]}-kv{c[2]}-d{c[3]}-r{c[4]}")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_full_kinds_match_reference(case, is_query, ff, yarn, backend):
     """From vectors no rope has rotated: KEY_FULL gives the far keys, QUERY_PAIR the queries rotated at pos and the
     far queries, each scaled by ggml_rope_ext's factor (attn_factor 0.75 here, and YaRN's where it extends), the
