@@ -19,9 +19,9 @@ import dpe_gguf  # noqa: E402,F401  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 from dpe_gguf import DPEParams, convert, read_dpe  # noqa: E402
-from dpe_gguf.llama_session import LlamaSession  # noqa: E402
+from dpe_gguf.llama.session import LlamaSession  # noqa: E402
 from dpe_gguf.models import default_model  # noqa: E402
-from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
+from dpe_gguf.reference.parity import compare_logits, reference_logits  # noqa: E402
 from test_engine import natural_text  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import sys, os
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 import test_engine as T
-from dpe_gguf.parity import compare_logits, reference_logits
+from dpe_gguf.reference.parity import compare_logits, reference_logits
 for arch in ("llama", "qwen2"):
     d = f"/tmp/cp-{arch}"; os.makedirs(d, exist_ok=True)
     plain, dpe, tokens, table = T.make_tiny(__import__("pathlib").Path(d), arch)

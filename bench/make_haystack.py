@@ -1,4 +1,4 @@
-"""Write dpe_gguf/data/haystack.txt: the natural-text haystack of the retrieval tasks (dpe_gguf.evaltasks).
+"""Write dpe_gguf/data/haystack.txt: the natural-text haystack of the retrieval tasks (dpe_gguf.evaluation.tasks).
 
 Provenance: the text is the Python standard library's own documentation, i.e. the docstrings of
 a fixed, sorted list of stdlib modules (the module docstring, then the docstrings of the public

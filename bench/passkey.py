@@ -1,6 +1,6 @@
 """Passkey retrieval through the patched llama.cpp: stock vs DPE GGUFs, side by side.
 
-The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaltasks: the classic filler, a 5-digit key)
+The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaluation.tasks: the classic filler, a 5-digit key)
 at evenly spaced depths, greedy decoding; a trial passes when the first generated tokens contain the key.
 Prompts are text, sized with the model's tokenizer; the runner is llama-completion (what users run).
 
@@ -27,8 +27,8 @@ def count_tokens(model: str):
 
 
 def make_trials(lengths, depths: int, seed: int, count) -> list[dict]:
-    """The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaltasks), `depths` evenly spaced depths per length."""
-    from dpe_gguf import evaltasks
+    """The prompts of `dpe-gguf eval`'s passkey task (dpe_gguf.evaluation.tasks), `depths` evenly spaced depths per length."""
+    from dpe_gguf.evaluation import tasks as evaltasks
     trials = []
     for n in lengths:
         for d in range(depths):

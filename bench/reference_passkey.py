@@ -17,7 +17,7 @@ import torch
 
 import dpe_gguf  # noqa: F401  (before llama_cpp: the patched libllama)
 import llama_cpp
-from dpe_gguf import reference
+from dpe_gguf.reference import model as reference
 
 
 def main(argv=None) -> int:

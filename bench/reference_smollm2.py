@@ -15,7 +15,9 @@ import time
 import numpy as np
 import torch
 
-from dpe_gguf import parity, reference as R
+from dpe_gguf.reference import parity
+
+from dpe_gguf.reference import model as R
 
 SCALES = [2, 2, 4, 4, 8, 8, 16, 16]
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import dpe_gguf  # noqa: E402,F401  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
-from dpe_gguf.runtime import RunSettings, Server  # noqa: E402
+from dpe_gguf.llama.runtime import RunSettings, Server  # noqa: E402
 from test_engine import natural_text  # noqa: E402
 
 

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write llama-bench's rows here")
     args = ap.parse_args(argv)
     import dpe_gguf  # noqa: F401  (the patched build)
-    from dpe_gguf.native import tool_path
+    from dpe_gguf.llama.native import tool_path
     cmd = [str(tool_path("llama-bench")), "-m", f"{args.stock},{args.dpe}", "-ngl", args.ngl, "-fa", args.fa,
            "-d", args.depths, "-p", args.p, "-n", args.n, "-r", args.r, "-o", "json"]
     print("$", " ".join(cmd), file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""The ``dpe-gguf`` command line: a thin layer over :mod:`dpe_gguf.convert`.
+"""The ``dpe-gguf`` command line: a thin layer over :mod:`dpe_gguf.format.convert`.
 
 Exit codes: 0 success, 2 bad usage or a :class:`DPEError` (message ``dpe-gguf: error: ...``),
 130 interrupted.
@@ -12,7 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import DPEError
+from dpe_gguf.calibration.choose import DEFAULT_TARGET_FACTOR
+from dpe_gguf.calibration.selection import DEFAULT_TOPK_FRACTION
+from dpe_gguf.calibration.settings import (BACKGROUNDS, DEFAULT_GROUPS, DEFAULT_TASK, DEFAULT_TRIALS, QUICK_TRIALS,
+                                           SCORERS)
+from dpe_gguf.errors import DPEError
+from dpe_gguf.evaluation import suite as evalsuite
 
 PROG = "dpe-gguf"
 
@@ -23,7 +28,6 @@ frequency), shape (n_layer, n_head_kv, F) where F = n_rot/2; query-head scores o
 highest-scoring frequencies of each (layer, KV head) (ties: lower frequency wins); the others get
 divisor 1."""
 
-_EVAL_TASKS = ("passkey", "multi_needle", "multi_key", "multi_value", "multi_query", "ppl")
 _EVAL_DESC = """\
 Run every (method, length, task) through the patched llama.cpp (llama-server / llama-perplexity)
 and print a table; write PREFIX.json (every trial) and PREFIX.png (accuracy vs length).
@@ -57,7 +61,7 @@ scales. --scales 4 alone is uniform divisor 4 (Self-Extend with group size 4).
 
 def _version_text() -> str:
     """Package version, pinned llama.cpp commit, patch series, CUDA on or off."""
-    from .info import version_text
+    from dpe_gguf.llama.info import version_text
     return version_text()
 
 
@@ -84,20 +88,20 @@ def _parse_scales(text: str) -> tuple[int, ...]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``dpe-gguf convert``."""
-    from .convert import check_output, convert
-    from .params import DPEParams
+    from dpe_gguf.format.convert import check_output, convert
+    from dpe_gguf.format.params import DPEParams
 
     scores, message = args.scores, None
     if args.calibrate is not None and (args.scales is not None or args.from_calibration):
         raise DPEError(f"--{'' if args.calibrate else 'no-'}calibrate chooses how divisors are found when none "
                        "are given; drop it, or drop --scales / --from-calibration")
     if args.from_calibration:
-        from .calibrate import Calibration
+        from dpe_gguf.calibration.result import Calibration
         cal = Calibration.load(args.from_calibration)
         params, scores = cal.params(), cal.score_array()
     elif args.scales is None:
         # no divisors given: calibrate (GPU, --calibrate or --target-context) or the uniform 2T/L table
-        from .calibrate import choose_params
+        from dpe_gguf.calibration.choose import choose_params
         choice = choose_params(args.input, args.output, args.force, target=args.target_context, window=args.window,
                                calibrate_now=args.calibrate, topk=args.topk, scores=args.scores, quick=args.quick,
                                parallel=_parallel(args), quiet=args.quiet)
@@ -109,8 +113,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                            target_context=args.target_context)
         if args.topk is not None and scores is None:
             # --scales with --topk but no --scores: measure the scores (selection only, no detection)
-            from .calibrate import measure_selection
-            from .model_info import read_model_info
+            from dpe_gguf.calibration.choose import measure_selection
+            from dpe_gguf.format.model_info import read_model_info
             info = read_model_info(args.input)
             params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
             check_output(args.input, args.output, args.force)
@@ -137,8 +141,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``dpe-gguf calibrate``."""
     from pathlib import Path
 
-    from .calibrate import calibrate, format_detection
-    from .model_info import read_model_info
+    from dpe_gguf.calibration.calibrate import calibrate
+    from dpe_gguf.calibration.report import format_detection
+    from dpe_gguf.format.model_info import read_model_info
     out = Path(args.output)
     if out.exists() and not args.force:
         raise DPEError(f"{out} exists; pass --force to overwrite it")
@@ -160,7 +165,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_strip(args: argparse.Namespace) -> int:
     """``dpe-gguf strip``."""
-    from .convert import strip
+    from dpe_gguf.format.convert import strip
 
     out = strip(args.input, args.output, force=args.force, progress=not args.quiet)
     if not args.quiet:
@@ -169,13 +174,13 @@ def cmd_strip(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
-    from .models import default_model
+    from dpe_gguf.models import default_model
     print(default_model())
     return 0
 
 
 def cmd_lib_path(args: argparse.Namespace) -> int:
-    from .native import LIB_DIR
+    from dpe_gguf.llama.native import LIB_DIR
     if not LIB_DIR.is_dir():
         raise DPEError(f"{LIB_DIR} does not exist: install dpe-gguf with `pip install .`")
     print(LIB_DIR)
@@ -184,7 +189,7 @@ def cmd_lib_path(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``dpe-gguf inspect``."""
-    from .convert import inspect
+    from dpe_gguf.format.convert import inspect
 
     info = inspect(args.file, include_table=args.plot is not None)
     if args.plot is not None:
@@ -192,7 +197,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise DPEError(f"{args.file}: has no DPE table to plot; convert it first")
         import numpy as np
 
-        from .plot import plot_divisor_table
+        from dpe_gguf.evaluation.plot import plot_divisor_table
 
         dpe = info["dpe"]
         title = (f"{info['architecture']} {args.file}: w={dpe['window']}, scales "
@@ -210,19 +215,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import evalsuite as E
-    from .runtime import RunSettings, default_ngl, env_threads
-    from .models import default_model
+    from dpe_gguf.llama.runtime import RunSettings, default_ngl, env_threads
+    from dpe_gguf.models import default_model
     model = Path(args.model) if args.model else default_model()
     out = Path(args.out)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
     for p in (json_path, png_path):
         if p.exists() and not args.force:
             raise DPEError(f"{p} exists; pass --force to overwrite it or choose another --out")
-    cfg = E.EvalConfig(
+    cfg = evalsuite.EvalConfig(
         model=model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-        lengths=[E.parse_length(x) for x in args.lengths.split(",") if x.strip()],
-        methods=[E.MethodSpec.parse(m) for m in args.methods.split(",") if m.strip()],
+        lengths=[evalsuite.parse_length(x) for x in args.lengths.split(",") if x.strip()],
+        methods=[evalsuite.MethodSpec.parse(m) for m in args.methods.split(",") if m.strip()],
         trials=args.trials, seed=args.seed, dpe_model=Path(args.dpe_model) if args.dpe_model else None,
         text=Path(args.text) if args.text else None, se_window=args.se_window,
         settings=RunSettings(ngl=default_ngl() if args.ngl is None else args.ngl, flash_attn=args.fa == "on",
@@ -235,14 +239,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     def save(row: dict) -> None:
         rows.append(row)
-        E.write_json(json_path, cfg, rows)  # partial results survive an interruption
+        evalsuite.write_json(json_path, cfg, rows)  # partial results survive an interruption
         args.kept_on_interrupt = f"the rows finished so far are in {json_path}"
-    rows = E.run_eval(cfg, on_row=save, progress=not args.quiet)   # in table order (methods may finish in any order)
-    E.write_json(json_path, cfg, rows)
-    summary = E.summarize(rows)
-    print(E.format_tables(summary))
+    rows = evalsuite.run_eval(cfg, on_row=save, progress=not args.quiet)   # in table order (methods may finish in any order)
+    evalsuite.write_json(json_path, cfg, rows)
+    summary = evalsuite.summarize(rows)
+    print(evalsuite.format_tables(summary))
     try:
-        E.plot(summary, png_path, title=f"{model.name}: {', '.join(cfg.label(m) for m in cfg.methods)}")
+        evalsuite.plot(summary, png_path, title=f"{model.name}: {', '.join(cfg.label(m) for m in cfg.methods)}")
     except ImportError:
         print(f"{PROG}: matplotlib is missing: no plot (`dpe-gguf report {json_path} --plot X.png` "
               "draws it where matplotlib is installed)", file=sys.stderr)
@@ -255,23 +259,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import evalsuite as E
     rows: list[dict] = []
     for f in args.runs:
         try:
-            rows += E.load_rows(Path(f))
+            rows += evalsuite.load_rows(Path(f))
         except (OSError, ValueError, KeyError) as e:
             raise DPEError(f"{f}: not a results file of `dpe-gguf eval` ({e})") from None
-    summary = E.summarize(rows)
-    print(E.format_tables(summary))
+    summary = evalsuite.summarize(rows)
+    print(evalsuite.format_tables(summary))
     if args.plot:
-        E.plot(summary, Path(args.plot), title=args.title or "")
+        evalsuite.plot(summary, Path(args.plot), title=args.title or "")
         print(f"wrote {args.plot}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from dpe_gguf.evaluation.demo import run_demo
     return run_demo(length=args.length, depth=args.depth, seed=args.seed, ngl=args.ngl, quiet=args.quiet)
 
 
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--no-calibrate", dest="calibrate", action="store_const", const=False,
                      help="without --scales: write at once the uniform table calibration starts from "
                           "(divisor 2T/L on every frequency: Self-Extend)")
-    p.add_argument("--quick", action="store_true", help="calibration: 3 divisors per group, 2 trials")
+    p.add_argument("--quick", action="store_true", help=f"calibration: 3 divisors per group, {QUICK_TRIALS} trials")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
                    help="calibration: measure N candidate tables at once (GPU; see `dpe-gguf calibrate`)")
     p.add_argument("--topk", type=int, metavar="K",
@@ -353,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", metavar="FILE", help="per-(layer, KV head, frequency) scores, .npy (see below)")
     p.add_argument("--target-context", type=int, metavar="T",
                    help="context the parameters are for; without --scales the target to calibrate for "
-                        "(default 4 x L), with --scales default (L - W + W//S) * S, S = largest scale")
+                        f"(default {DEFAULT_TARGET_FACTOR} x L), with --scales default (L - W + W//S) * S, "
+                        "S = largest scale")
     p.add_argument("--calibration", metavar="TEXT", help="free-text note stored as dpe.calibration")
     p.add_argument("--force", action="store_true",
                    help="overwrite OUT if it exists; replace DPE parameters already in IN")
@@ -369,19 +373,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-context", type=int, required=True, metavar="T", help="context to calibrate for")
     p.add_argument("-o", "--output", default="calibration.json", metavar="FILE", help="(default calibration.json)")
     p.add_argument("--window", type=int, metavar="W", help="local window (default min(1024, L/8))")
-    p.add_argument("--topk", type=int, metavar="K", help="frequencies scaled per KV head (default 75%% of n_rot/2)")
+    p.add_argument("--topk", type=int, metavar="K",
+                   help=f"frequencies scaled per KV head (default {DEFAULT_TOPK_FRACTION:.0%}% of n_rot/2)")
     p.add_argument("--no-select", action="store_true", help="no selection: every frequency scaled")
-    p.add_argument("--groups", type=int, default=8, metavar="G", help="frequency groups (default 8)")
+    p.add_argument("--groups", type=int, default=DEFAULT_GROUPS, metavar="G",
+                   help=f"frequency groups (default {DEFAULT_GROUPS})")
     p.add_argument("--scales", metavar="S0,...", help="skip detection: use these group divisors")
-    p.add_argument("--task", default="multi_needle", metavar="TASK[,TASK]",
+    p.add_argument("--task", default=DEFAULT_TASK, metavar="TASK[,TASK]",
                    help="detection task: multi_needle (default, 4 needles), passkey, or both joined by a "
                         "comma (every candidate scored on the prompts of each)")
-    p.add_argument("--scorer", default="logprob", choices=("logprob", "hits"),
+    p.add_argument("--scorer", default=SCORERS[0], choices=SCORERS,
                    help="candidate score: mean log-probability of the answers (default, graded) or the "
                         "fraction retrieved by greedy decoding")
-    p.add_argument("--trials", type=int, metavar="N", help="prompts per task per candidate (default 5, quick 2)")
-    p.add_argument("--quick", action="store_true", help="3 divisors per group around 2T/L, 2 trials")
-    p.add_argument("--background", choices=("fixed", "uniform"), default="fixed",
+    p.add_argument("--trials", type=int, metavar="N",
+                   help=f"prompts per task per candidate (default {DEFAULT_TRIALS}, quick {QUICK_TRIALS})")
+    p.add_argument("--quick", action="store_true", help=f"3 divisors per group around 2T/L, {QUICK_TRIALS} trials")
+    p.add_argument("--background", choices=BACKGROUNDS, default=BACKGROUNDS[0],
                    help="what the other groups hold while one is swept: fixed = 2T/L (docs/design.md section 4, "
                         "default); uniform = the best uniform divisor, found by a first sweep of uniform tables")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
@@ -417,14 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpe-model", metavar="FILE", help="the DPE GGUF of method dpe when MODEL has no DPE parameters")
     p.add_argument("--dpe-label", default="dpe", metavar="NAME",
                    help="method dpe's name in the table and JSON (default dpe), e.g. to report two DPE tables together")
-    p.add_argument("--tasks", default="passkey", help=f"comma list of {', '.join(_EVAL_TASKS)} (default: passkey)")
+    p.add_argument("--tasks", default="passkey", help=f"comma list of {', '.join(evalsuite.TASKS)} (default: passkey)")
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="context lengths in tokens, e.g. 4k,8k,16k,32k,64k")
     p.add_argument("--methods", default="vanilla,linear,ntk,yarn,selfextend,dpe",
                    help="comma list; NAME:FACTOR fixes the factor (default: auto, see above)")
-    p.add_argument("--trials", type=int, default=5, help="samples per (task, length) (default 5)")
+    p.add_argument("--trials", type=int, default=evalsuite.DEFAULT_TRIALS,
+                   help=f"samples per (task, length) (default {evalsuite.DEFAULT_TRIALS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", metavar="FILE", help="your own haystack/perplexity text (default: the shipped text)")
-    p.add_argument("--se-window", type=int, default=1024, help="Self-Extend window (default 1024)")
+    p.add_argument("--se-window", type=int, default=evalsuite.DEFAULT_SE_WINDOW,
+                   help=f"Self-Extend window (default {evalsuite.DEFAULT_SE_WINDOW})")
     p.add_argument("--ppl-chunks", type=int, default=1, help="windows per perplexity cell (default 1)")
     p.add_argument("-j", "--parallel", type=int, default=1, metavar="N",
                    help="run N methods at once, each its own llama-server (GPU: a small model leaves room; "

@@ -1,7 +1,7 @@
 """The natural text shipped with the package (dpe_gguf/data/haystack.txt): the haystack of the
 evaluation's needle tasks and the ordinary text that key-frequency selection and calibration read.
-One place for it, so that evaluation (:mod:`dpe_gguf.evaltasks`) and calibration
-(:mod:`dpe_gguf.selection`) read the same text without one importing the other."""
+One place for it, so that evaluation (:mod:`dpe_gguf.evaluation.tasks`) and calibration
+(:mod:`dpe_gguf.calibration.selection`) read the same text without one importing the other."""
 from __future__ import annotations
 
 from functools import lru_cache

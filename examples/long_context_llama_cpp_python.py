@@ -17,8 +17,8 @@ import time
 
 import dpe_gguf  # noqa: F401  -- before llama_cpp: load the patched libllama
 import llama_cpp
-from dpe_gguf.demo import demo_model
-from dpe_gguf.native import build_info
+from dpe_gguf.evaluation.demo import demo_model
+from dpe_gguf.llama.native import build_info
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 

@@ -31,10 +31,10 @@ from pathlib import Path
 from gguf_factory import write_tiny_gguf
 
 from dpe_gguf import cli
-from dpe_gguf.convert import convert
+from dpe_gguf.format.convert import convert
 from dpe_gguf.errors import DPEError
-from dpe_gguf.gguf_header import GGUFHeader
-from dpe_gguf.params import DPEParams
+from dpe_gguf.format.gguf_header import GGUFHeader
+from dpe_gguf.format.params import DPEParams
 
 OPS = ("reader", "inspect", "convert", "strip")
 

@@ -20,11 +20,12 @@ torch = pytest.importorskip("torch")
 
 import dpe_gguf  # noqa: E402,F401  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
-from dpe_gguf import DPEParams, convert, native  # noqa: E402
-from dpe_gguf.evaltasks import load_haystack  # noqa: E402
+from dpe_gguf import DPEParams, convert  # noqa: E402
+from dpe_gguf.llama import native  # noqa: E402
+from dpe_gguf.evaluation.tasks import load_haystack  # noqa: E402
 from dpe_gguf.models import find_default_model  # noqa: E402
-from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
-from dpe_gguf.llama_session import LlamaSession  # noqa: E402
+from dpe_gguf.reference.parity import compare_logits, reference_logits  # noqa: E402
+from dpe_gguf.llama.session import LlamaSession  # noqa: E402
 
 WINDOW = 64
 N_TOKENS = 192

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import dpe_gguf  # noqa: F401
-from dpe_gguf import calibrate as C
+from dpe_gguf.calibration import calibrate as C, choose, report, result, scoring, settings as S, stats, sweep
+from dpe_gguf.errors import DPEError
 from dpe_gguf.cli import main
-from dpe_gguf.model_info import read_dpe
-from dpe_gguf.params import divisor_table, topk_mask
+from dpe_gguf.format.model_info import read_dpe
+from dpe_gguf.format.params import divisor_table, topk_mask
 from tiny_models import write_tiny_gguf
 
 TARGET, WINDOW = 2048, 128
@@ -30,31 +31,31 @@ def run(tiny, cache, monkeypatch, **kw):
 
 
 def test_candidates_and_background_divisor():
-    s = C.DetectSettings(target=32768, window=1024)
-    assert C.background_divisor(32768, 8192) == 8
+    s = S.DetectSettings(target=32768, window=1024)
+    assert S.background_divisor(32768, 8192) == 8
     assert s.candidates(8192) == [1, 2, 4, 8, 16, 32]          # T/len for len = T .. w
-    assert C.DetectSettings(target=32768, window=1024, quick=True).candidates(8192) == [4, 8, 16]
-    assert C.background_divisor(65536, 8192) == 16
+    assert S.DetectSettings(target=32768, window=1024, quick=True).candidates(8192) == [4, 8, 16]
+    assert S.background_divisor(65536, 8192) == 16
 
 
 def test_ties_keep_the_background_divisor():
-    assert C.pick({4: 0.5, 8: 0.5, 16: 0.5}, 8) == 8          # no signal: the prior 2T/L
-    assert C.pick({1: 0.0, 2: 0.4, 4: 0.4, 32: 0.4}, 8) == 4  # nearest 8 among the best
-    assert C.pick({2: 0.5, 16: 0.5}, 4) == 2                   # equally near: the smaller
-    assert C.pick({4: 0.2, 8: 0.5, 16: 1.0}, 8) == 16         # a clear winner wins
+    assert stats.pick({4: 0.5, 8: 0.5, 16: 0.5}, 8) == 8          # no signal: the prior 2T/L
+    assert stats.pick({1: 0.0, 2: 0.4, 4: 0.4, 32: 0.4}, 8) == 4  # nearest 8 among the best
+    assert stats.pick({2: 0.5, 16: 0.5}, 4) == 2                   # equally near: the smaller
+    assert stats.pick({4: 0.2, 8: 0.5, 16: 1.0}, 8) == 16         # a clear winner wins
 
 
 def test_differences_inside_the_prompts_noise_are_ties():
     # per-prompt scores of three candidates on the same 4 prompts
     noisy = {4: [-0.50, -0.70, -0.40, -0.60], 8: [-0.55, -0.62, -0.48, -0.58], 16: [-0.45, -0.66, -0.42, -0.61]}
-    assert C.pick(noisy, 8) == 8            # 16 has the best mean, but not by more than the noise
-    assert C.as_good(noisy[16], noisy[8]) and C.as_good(noisy[16], noisy[4])
+    assert stats.pick(noisy, 8) == 8            # 16 has the best mean, but not by more than the noise
+    assert stats.as_good(noisy[16], noisy[8]) and stats.as_good(noisy[16], noisy[4])
     clear = {4: [-1.5, -1.7, -1.4, -1.6], 8: [-0.55, -0.62, -0.48, -0.58], 16: [-0.35, -0.42, -0.28, -0.38]}
-    assert C.pick(clear, 8) == 16           # better on every prompt by 0.2: moved off the background
-    assert not C.as_good(clear[16], clear[8])
+    assert stats.pick(clear, 8) == 16           # better on every prompt by 0.2: moved off the background
+    assert not stats.as_good(clear[16], clear[8])
     # one prompt: only an exact tie is a tie; a constant difference has no noise
-    assert not C.as_good([-0.5], [-0.51]) and C.as_good([-0.5], [-0.5])
-    assert not C.as_good([-0.5, -0.6], [-0.51, -0.61])
+    assert not stats.as_good([-0.5], [-0.51]) and stats.as_good([-0.5], [-0.5])
+    assert not stats.as_good([-0.5, -0.6], [-0.51, -0.61])
 
 
 def test_several_tasks_are_tested_apart():
@@ -63,13 +64,13 @@ def test_several_tasks_are_tested_apart():
     quiet8, noisy8 = [-0.40, -0.35, -0.45, -0.38], [-1.0, -0.2, -2.0, -0.6]
     gain = {8: quiet8 + noisy8,
             16: [v + 0.05 for v in quiet8] + [-0.9, -0.35, -1.9, -0.7]}   # task 2: +0.1, -0.15, +0.1, -0.1
-    assert C.pick(gain, 8) == 8                       # pooled, the noisy task hides the gain
-    assert C.undominated(gain, 2) == [16] and C.pick(gain, 8, parts=2) == 16
+    assert stats.pick(gain, 8) == 8                       # pooled, the noisy task hides the gain
+    assert stats.undominated(gain, 2) == [16] and stats.pick(gain, 8, parts=2) == 16
     trade = {8: quiet8 + noisy8, 16: [v + 0.05 for v in quiet8] + [v - 0.1 for v in noisy8]}
-    assert C.undominated(trade, 2) == [8, 16] and C.pick(trade, 8, parts=2) == 8
-    assert C.pick(trade, 16, parts=2) == 16           # neither beats the other: the background stays
+    assert stats.undominated(trade, 2) == [8, 16] and stats.pick(trade, 8, parts=2) == 8
+    assert stats.pick(trade, 16, parts=2) == 16           # neither beats the other: the background stays
     with pytest.raises(ValueError, match="do not split"):
-        C.pick({8: [0.1, 0.2, 0.3]}, 8, parts=2)
+        stats.pick({8: [0.1, 0.2, 0.3]}, 8, parts=2)
 
 
 def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, monkeypatch):
@@ -89,7 +90,7 @@ def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, 
         assert all(v < 0 for v in by.values())
         per = a.per_prompt[g]
         assert all(len(v) == 1 and np.isclose(np.mean(v), by[c]) for c, v in per.items())
-        assert a.group_scales[int(g)] == C.pick({int(c): v for c, v in per.items()}, 4)
+        assert a.group_scales[int(g)] == stats.pick({int(c): v for c, v in per.items()}, 4)
     # every group's sweep contains the background table 4,4,4,4: one measurement, the same score
     assert len({by["4"] for by in a.detection.values()}) == 1
     assert len({round(v, 9) for by in a.detection.values() for v in by.values()}) > 3
@@ -98,10 +99,10 @@ def test_same_model_settings_and_seed_give_the_same_calibration(tiny, tmp_path, 
 def test_answer_logprob_matches_llama_cpp_python(tiny, tmp_path):
     """The teacher-forced score equals log-softmax read through llama_cpp.Llama on the same tokens."""
     import llama_cpp
-    from dpe_gguf.evaltasks import Sample
+    from dpe_gguf.evaluation.tasks import Sample
     prompt = "The special magic number for apple is: 1234567. What is the special magic number for apple? It is:"
     sample = Sample("multi_needle", 64, 0, 0.0, prompt, ("1234567",), 12)
-    got = C.answer_logprob(tiny, [sample], 256, 0, False, 2)
+    got = scoring.answer_logprob(tiny, [sample], 256, 0, False, 2)
     llm = llama_cpp.Llama(str(tiny), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     p = llm.tokenize(prompt.encode())
     a = llm.tokenize(b" 1234567", add_bos=False)
@@ -124,9 +125,9 @@ def test_cached_results_are_reused(tiny, tmp_path, monkeypatch):
 
     def no_server(*a, **k):
         raise AssertionError("a cached calibration must not run the model again")
-    monkeypatch.setattr("dpe_gguf.runtime.Server.__enter__", no_server)
-    monkeypatch.setattr(C, "answer_logprobs", no_server)
-    monkeypatch.setattr("dpe_gguf.selection.key_scores", no_server)
+    monkeypatch.setattr("dpe_gguf.llama.runtime.Server.__enter__", no_server)
+    monkeypatch.setattr(sweep, "answer_logprobs", no_server)
+    monkeypatch.setattr("dpe_gguf.calibration.selection.key_scores", no_server)
     again = run(tiny, tmp_path, monkeypatch)
     assert again.group_scales == first.group_scales and again.detection == first.detection
 
@@ -143,12 +144,12 @@ def test_interrupted_run_resumes_in_parallel_with_the_same_result(tiny, tmp_path
         del data[k]
     path.write_text(json.dumps(data))
     measured = []
-    real = C.answer_logprobs
+    real = scoring.answer_logprobs
 
     def counting(model, *a, **k):
         measured.append(model.name)
         return real(model, *a, **k)
-    monkeypatch.setattr(C, "answer_logprobs", counting)
+    monkeypatch.setattr(sweep, "answer_logprobs", counting)
     resumed = run(tiny, tmp_path / "par", monkeypatch, parallel=3)
     assert len(measured) == len(dropped) == 5 and len(set(measured)) == 5
     assert resumed.group_scales == serial.group_scales and resumed.detection == serial.detection
@@ -160,48 +161,48 @@ def test_uniform_background_sweeps_uniform_tables_first(tiny, tmp_path, monkeypa
     hold it; the cache is shared with a fixed-background run (tables, not runs, are its keys)."""
     u = run(tiny, tmp_path, monkeypatch, background="uniform")
     assert list(u.uniform) == ["2", "4", "8"] and all(len(v) == 1 for v in u.uniform.values())
-    assert u.background == C.pick({int(c): v for c, v in u.uniform.items()}, 4)
+    assert u.background == stats.pick({int(c): v for c, v in u.uniform.items()}, 4)
     bg = u.background
     cands = [c for c in (1, 2, 4, 8, 16) if bg / 2 <= c <= bg * 2]
     for g, by in u.detection.items():
         assert list(by) == [str(c) for c in cands]
         assert np.isclose(by[str(bg)], np.mean(u.uniform[str(bg)]))      # the uniform table itself
     assert "others held at" in u.params().calibration
-    text = C.format_detection(u, 1024)
+    text = report.format_detection(u, 1024)
     assert text.startswith("uniform sweep") and f"-> background {bg}" in text
 
     measured = []
-    real = C.answer_logprobs
-    monkeypatch.setattr(C, "answer_logprobs", lambda m, *a, **k: measured.append(m.name) or real(m, *a, **k))
+    real = scoring.answer_logprobs
+    monkeypatch.setattr(sweep, "answer_logprobs", lambda m, *a, **k: measured.append(m.name) or real(m, *a, **k))
     f = run(tiny, tmp_path, monkeypatch)            # fixed background 4: tables around 4
     table = lambda g, c, b: tuple(c if i == g else b for i in range(4))  # noqa: E731
     had = {(c,) * 4 for c in (2, 4, 8)} | {table(g, c, bg) for g in range(4) for c in cands}
     wanted = {table(g, c, 4) for g in range(4) for c in (2, 4, 8)}
     assert len(measured) == len(wanted - had) < len(wanted)
     assert f.background == 4 and not f.uniform
-    with pytest.raises(C.DPEError, match="background"):
+    with pytest.raises(DPEError, match="background"):
         run(tiny, tmp_path, monkeypatch, background="median")
 
 
 def test_detection_on_several_tasks_uses_the_calibration_prompts(tiny, tmp_path, monkeypatch):
     """--task passkey,multi_needle scores every candidate on the prompts of both tasks (paired per
     prompt), drawn from the calibration stream, never the evaluation's."""
-    from dpe_gguf import evaltasks
+    from dpe_gguf.evaluation import tasks as evaltasks
     seen = []
-    real = C.answer_logprobs
+    real = scoring.answer_logprobs
 
     def recording(model, samples, *a, **k):
         seen.append([(x.task, x.prompt) for x in samples])
         return real(model, samples, *a, **k)
-    monkeypatch.setattr(C, "answer_logprobs", recording)
+    monkeypatch.setattr(sweep, "answer_logprobs", recording)
     both = run(tiny, tmp_path, monkeypatch, task="passkey, multi_needle,passkey", trials=2, n_groups=2)
     assert both.settings["task"] == "passkey,multi_needle"
     assert all(len(v) == 4 for by in both.per_prompt.values() for v in by.values())
     assert len({tuple(s) for s in seen}) == 1                 # every candidate: the same prompts
     for g, per in both.per_prompt.items():                     # each task's prompts tested apart
-        assert both.group_scales[int(g)] == C.pick({int(c): v for c, v in per.items()}, both.background, parts=2)
+        assert both.group_scales[int(g)] == stats.pick({int(c): v for c, v in per.items()}, both.background, parts=2)
     assert [t for t, _ in seen[0]] == ["passkey", "passkey", "multi_needle", "multi_needle"]
-    from dpe_gguf.runtime import RunSettings, Server
+    from dpe_gguf.llama.runtime import RunSettings, Server
     with Server(tiny, 256, [], RunSettings(ngl=0, flash_attn=False, threads=2)) as tok:
         count = lambda x: len(tok.tokenize(x))  # noqa: E731
         ev = {x.prompt for t in ("passkey", "multi_needle") for x in evaltasks.make_samples(t, TARGET, 2, 0, count)}
@@ -209,13 +210,13 @@ def test_detection_on_several_tasks_uses_the_calibration_prompts(tiny, tmp_path,
                for x in evaltasks.make_samples(t, TARGET, 2, 0, count, split="calibration")}
     assert {p for _, p in seen[0]} == cal and not cal & ev
     assert "detection passkey,multi_needle at 2048 tokens, 2 trials per task, seed 0" in both.params().calibration
-    with pytest.raises(C.DPEError, match="detection task"):
+    with pytest.raises(DPEError, match="detection task"):
         run(tiny, tmp_path, monkeypatch, task="passkey,multi_value")
 
 
 def test_convert_from_calibration_file(tiny, tmp_path, monkeypatch):
     cal = run(tiny, tmp_path / "cache", monkeypatch)
-    cal = C.Calibration(**{**cal.__dict__, "group_scales": (2, 8, 4, 2)})  # a non-trivial table
+    cal = result.Calibration(**{**cal.__dict__, "group_scales": (2, 8, 4, 2)})  # a non-trivial table
     path = cal.save(tmp_path / "cal.json")
     out = tmp_path / "tiny.dpe.gguf"
     assert main(["convert", str(tiny), "-o", str(out), "--from-calibration", str(path), "-q"]) == 0
@@ -266,7 +267,7 @@ def test_convert_measures_scores_for_topk_and_detects_for_given_scores(tiny, tmp
 
     def no_selection(*a, **k):
         raise AssertionError("given scores: no selection run")
-    monkeypatch.setattr("dpe_gguf.selection.key_scores", no_selection)
+    monkeypatch.setattr("dpe_gguf.calibration.selection.key_scores", no_selection)
     out2 = tmp_path / "det.dpe.gguf"
     assert main(["convert", str(tiny), "-o", str(out2), "--target-context", str(TARGET), "--window", str(WINDOW),
                  "--scores", str(tmp_path / "s.npy"), "--topk", "4", "--quick", "-q"]) == 0
@@ -279,13 +280,13 @@ def test_convert_calibrate_on_a_cpu_calibrates(tiny, tmp_path, monkeypatch, caps
     """`convert --calibrate` on a CPU build runs the calibration (at 4L, the default window) and the
     note records it; made small the way run() makes it (1 trial, 2 groups, short selection texts)."""
     monkeypatch.setenv("DPE_GGUF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("dpe_gguf.runtime.build_info", lambda: {"cuda": False})
+    monkeypatch.setattr("dpe_gguf.llama.runtime.build_info", lambda: {"cuda": False})
     runs, real = [], C.calibrate
 
     def small(model, target, **kw):
         runs.append(real(model, target, **kw, trials=1, n_groups=2, sel_samples=2, sel_tokens=256))
         return runs[-1]
-    monkeypatch.setattr(C, "calibrate", small)
+    monkeypatch.setattr(choose, "calibrate", small)
     out = tmp_path / "cal.dpe.gguf"
     assert main(["convert", str(tiny), "-o", str(out), "--calibrate", "--quick"]) == 0
     cal, = runs

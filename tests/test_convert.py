@@ -14,13 +14,13 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf_factory import write_tiny_gguf
 
-from dpe_gguf import gguf_stream
+from dpe_gguf.format import gguf_stream
 from dpe_gguf.cli import main
-from dpe_gguf.convert import convert
+from dpe_gguf.format.convert import convert
 from dpe_gguf.errors import DPEError
-from dpe_gguf.gguf_header import GGUFHeader
-from dpe_gguf.model_info import read_dpe, read_model_info, rope_type_for
-from dpe_gguf.params import DPEParams, divisor_table, fold_query_heads, topk_mask
+from dpe_gguf.format.gguf_header import GGUFHeader
+from dpe_gguf.format.model_info import read_dpe, read_model_info, rope_type_for
+from dpe_gguf.format.params import DPEParams, divisor_table, fold_query_heads, topk_mask
 
 DPE_KEYS = ["dpe.version", "dpe.window", "dpe.original_context_length", "dpe.target_context_length",
             "dpe.group_scales", "dpe.topk"]
@@ -508,8 +508,8 @@ def test_output_permissions_follow_umask(llama, tmp_path):
 # ---------------------------------------------------------------- header parser
 
 def test_header_parser_matches_gguf_reader(tmp_path):
-    from dpe_gguf.gguf_header import GGUFHeader
-    from dpe_gguf.model_info import ModelInfo
+    from dpe_gguf.format.gguf_header import GGUFHeader
+    from dpe_gguf.format.model_info import ModelInfo
 
     extra = {"x.bool": True, "x.neg": -7, "x.float": 0.25, "x.str": "héllo", "x.strs": ["a", "", "ccc"],
              "x.ints": [1, 2, 3], "x.floats": [0.5, -1.5]}
@@ -661,13 +661,13 @@ def test_corrupt_counts_do_not_allocate_a_huge_table(tmp_path, capsys, kv, expec
 @pytest.fixture()
 def no_gpu(monkeypatch):
     """A CPU build (whatever this one is), and a calibration that must not run."""
-    from dpe_gguf import calibrate as C
-    monkeypatch.setattr("dpe_gguf.runtime.build_info", lambda: {"cuda": False})
+    from dpe_gguf.calibration import choose
+    monkeypatch.setattr("dpe_gguf.llama.runtime.build_info", lambda: {"cuda": False})
 
     def no_calibration(*a, **k):
         raise AssertionError("no GPU and no --calibrate: nothing may be calibrated")
-    monkeypatch.setattr(C, "calibrate", no_calibration)
-    monkeypatch.setattr(C, "select", no_calibration)
+    monkeypatch.setattr(choose, "calibrate", no_calibration)
+    monkeypatch.setattr(choose, "select", no_calibration)
 
 
 def uniform_checks(out: Path, src: Path, target: int, divisor: int) -> DPEParams:
@@ -683,7 +683,7 @@ def uniform_checks(out: Path, src: Path, target: int, divisor: int) -> DPEParams
 
 
 def inspect_dpe(path: Path) -> dict:
-    from dpe_gguf.convert import inspect
+    from dpe_gguf.format.convert import inspect
     return inspect(path)["dpe"]
 
 
@@ -731,15 +731,16 @@ def test_no_calibrate_gives_the_same_and_takes_the_target(llama, tmp_path, capsy
 def test_convert_without_options_calibrates_where_a_gpu_is(llama, tmp_path, capsys, monkeypatch):
     """With a GPU the default is the calibration at 4L with the default window and settings, and the
     note says so; --target-context alone calibrates too, as before."""
-    from dpe_gguf import calibrate as C
+    from dpe_gguf.calibration import choose
+    from dpe_gguf.calibration.result import Calibration
     calls = []
 
     def fake_calibrate(model, target, **kw):
         calls.append((target, kw))
-        return C.Calibration(model_sha256="x", target=target, window=kw["window"], topk=6,
+        return Calibration(model_sha256="x", target=target, window=kw["window"], topk=6,
                              group_scales=(8, 8, 4, 16, 8, 8, 8, 16), scores=None, settings={"task": "multi_needle"})
-    monkeypatch.setattr("dpe_gguf.runtime.gpu_present", lambda: (True, "GPU present"))
-    monkeypatch.setattr(C, "calibrate", fake_calibrate)
+    monkeypatch.setattr("dpe_gguf.llama.runtime.gpu_present", lambda: (True, "GPU present"))
+    monkeypatch.setattr(choose, "calibrate", fake_calibrate)
     out = tmp_path / "cal.gguf"
     assert main(["convert", str(llama), "-o", str(out)]) == 0
     assert calls == [(2048, dict(window=64, topk=None, quick=False, scores=None, parallel=1, quiet=False))]
@@ -747,7 +748,7 @@ def test_convert_without_options_calibrates_where_a_gpu_is(llama, tmp_path, caps
     assert params.group_scales == (8, 8, 4, 16, 8, 8, 8, 16) and params.target_context == 2048
     assert params.calibration.startswith("dpe-gguf convert: no options; calibrated (GPU present): dpe-gguf calibrate")
     assert "calibrated for 2048 tokens" in capsys.readouterr().out
-    monkeypatch.setattr("dpe_gguf.runtime.gpu_present", lambda: (False, "no GPU (test)"))
+    monkeypatch.setattr("dpe_gguf.llama.runtime.gpu_present", lambda: (False, "no GPU (test)"))
     assert main(["convert", str(llama), "-o", str(out), "--target-context", "3000", "--quick", "--force", "-q"]) == 0
     assert calls[-1][0] == 3000 and calls[-1][1]["quick"] is True
     assert "--target-context 3000; calibrated (--target-context given)" in read_dpe(out)[0].calibration

@@ -1,4 +1,4 @@
-"""The DPE engine inside the patched llama.cpp, judged against the PyTorch reference (dpe_gguf.parity).
+"""The DPE engine inside the patched llama.cpp, judged against the PyTorch reference (dpe_gguf.reference.parity).
 
 Tiny random models (tests/tiny_models.py) run prompts longer than the window in several ubatches,
 then single-token decode steps; SmolLM2 (when installed) runs 2k tokens with w = 256.
@@ -20,8 +20,8 @@ import dpe_gguf  # noqa: E402  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
 from dpe_gguf import DPEParams, convert, read_dpe  # noqa: E402
 from dpe_gguf.models import find_default_model  # noqa: E402
-from dpe_gguf.llama_session import LlamaSession  # noqa: E402
-from dpe_gguf.parity import compare_logits, reference_logits  # noqa: E402
+from dpe_gguf.llama.session import LlamaSession  # noqa: E402
+from dpe_gguf.reference.parity import compare_logits, reference_logits  # noqa: E402
 from tiny_models import write_tiny_gguf  # noqa: E402
 
 WINDOW = 24

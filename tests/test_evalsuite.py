@@ -1,4 +1,4 @@
-"""dpe_gguf.evalsuite, dpe_gguf.runtime, dpe_gguf.demo and the `dpe-gguf eval` / `dpe-gguf demo` commands.
+"""dpe_gguf.evaluation.suite, dpe_gguf.llama.runtime, dpe_gguf.evaluation.demo and the `dpe-gguf eval` / `dpe-gguf demo` commands.
 
 Units first (lengths, factors, method names, tables, plots), then the methods as llama.cpp flags
 on a tiny random model (trained context 1024) and its DPE copy: what each method resolves to, that
@@ -18,13 +18,13 @@ import pytest
 
 import dpe_gguf  # noqa: F401  (the patched libllama first)
 from dpe_gguf import DPEParams, convert, read_dpe
-from dpe_gguf import evalsuite as E
-from dpe_gguf import evaltasks
+from dpe_gguf.evaluation import suite as E
+from dpe_gguf.evaluation import tasks as evaltasks
 from dpe_gguf.cli import main
-from dpe_gguf.convert import inspect
+from dpe_gguf.format.convert import inspect
 from dpe_gguf.errors import DPEError
 from dpe_gguf.models import find_default_model
-from dpe_gguf.runtime import RunSettings, Server, default_ngl, log_value, perplexity
+from dpe_gguf.llama.runtime import RunSettings, Server, default_ngl, log_value, perplexity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAINED = 1024                    # the tiny models' trained context
@@ -520,8 +520,8 @@ def test_cli_demo_at_2048(tmp_path, monkeypatch, capsys):
     converted = list((tmp_path / "demo").glob("*.dpe.gguf"))
     assert len(converted) == 1, list(tmp_path.rglob("*"))
     params, table = read_dpe(converted[0])
-    from dpe_gguf.demo import DEMO_SCALES
-    from dpe_gguf.params import divisor_table
+    from dpe_gguf.evaluation.demo import DEMO_SCALES
+    from dpe_gguf.format.params import divisor_table
     assert params.window == 1024 and params.group_scales == DEMO_SCALES
     assert np.array_equal(table, divisor_table(30, 3, 32, DEMO_SCALES))
 

@@ -1,4 +1,4 @@
-"""dpe_gguf.evaltasks: seeded long-context retrieval prompts, their sizes, layouts and scores.
+"""dpe_gguf.evaluation.tasks: seeded long-context retrieval prompts, their sizes, layouts and scores.
 
 No model: token counts come from fake tokenizers (whitespace words, characters / 4, and a
 word-and-punctuation splitter that does not add up exactly over concatenation).
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from dpe_gguf import evaltasks as et
-from dpe_gguf.evaltasks import TASKS, Sample, load_haystack, make_sample, make_samples, score
+from dpe_gguf.evaluation import tasks as et
+from dpe_gguf.evaluation.tasks import TASKS, Sample, load_haystack, make_sample, make_samples, score
 
 
 def words(text: str) -> int:

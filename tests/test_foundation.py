@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import dpe_gguf
-from dpe_gguf import native
+from dpe_gguf.llama import native
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

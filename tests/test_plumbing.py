@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from dpe_gguf.errors import DPEError
-from dpe_gguf.gguf_stream import write_atomic
+from dpe_gguf.format.gguf_stream import write_atomic
 from dpe_gguf.paths import cache_root
-from dpe_gguf.runtime import context_cap_args
+from dpe_gguf.llama.runtime import context_cap_args
 
 
 def test_cache_root_order(monkeypatch, tmp_path):
@@ -24,10 +24,12 @@ def test_cache_root_order(monkeypatch, tmp_path):
 
 
 def test_users_of_the_cache_follow_it(monkeypatch, tmp_path):
-    from dpe_gguf import calibrate, demo, evalsuite
+    from dpe_gguf.calibration import cache
+    from dpe_gguf.evaluation import demo
+    from dpe_gguf.evaluation import suite as evalsuite
     monkeypatch.delenv("DPE_GGUF_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert calibrate.cache_root() == tmp_path / "dpe-gguf" / "calibration"
+    assert cache.cache_root() == tmp_path / "dpe-gguf" / "calibration"
     assert demo.cache_dir() == tmp_path / "dpe-gguf" / "demo"
     cfg = evalsuite.EvalConfig(model=Path("m.gguf"), tasks=["passkey"], lengths=[4096], methods=[])
     assert cfg.cache_dir == tmp_path / "dpe-gguf"

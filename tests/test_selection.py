@@ -1,8 +1,8 @@
-"""Key-frequency selection (docs/design.md section 4) through the patched llama.cpp (dpe_gguf.selection).
+"""Key-frequency selection (docs/design.md section 4) through the patched llama.cpp (dpe_gguf.calibration.selection).
 
 The scores of tiny random llama (NORMAL rope) and qwen2 (NEOX rope, q/k/v biases) models are judged
 against c(l, q, f) computed from the pre-RoPE queries and keys of the float64 PyTorch reference
-(dpe_gguf.reference), folded into KV heads here by hand. SmolLM2 (when installed) runs 1k tokens.
+(dpe_gguf.reference.model), folded into KV heads here by hand. SmolLM2 (when installed) runs 1k tokens.
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ torch = pytest.importorskip("torch")
 
 import dpe_gguf  # noqa: E402  (before llama_cpp: the patched libllama)
 import llama_cpp  # noqa: E402
-from dpe_gguf import DPEError, DPEParams, convert, reference, topk_mask  # noqa: E402
-from dpe_gguf.evaltasks import load_haystack  # noqa: E402
+from dpe_gguf import DPEError, DPEParams, convert, topk_mask  # noqa: E402
+from dpe_gguf.reference import model as reference  # noqa: E402
+from dpe_gguf.evaluation.tasks import load_haystack  # noqa: E402
 from dpe_gguf.models import find_default_model  # noqa: E402
-from dpe_gguf.selection import calibration_texts, default_topk, key_scores  # noqa: E402
+from dpe_gguf.calibration.selection import calibration_texts, default_topk, key_scores  # noqa: E402
 from tiny_models import write_tiny_gguf  # noqa: E402
 
 N_TOKENS = 180      # texts are cut here (the tiny vocabulary is about one token per byte)
@@ -119,7 +120,7 @@ def test_short_text_is_an_error(tiny):
 
 def test_a_failure_inside_the_callback_is_an_error(tiny, monkeypatch):
     """An exception while reading a tensor must not cross into C: it stops the run and is raised."""
-    from dpe_gguf import selection
+    from dpe_gguf.calibration import selection
 
     def broken(self, t, kind, il):
         raise RuntimeError("boom")

@@ -21,7 +21,7 @@ def reference_logits(model, tokens, table=None, window: int | None = None, *,
     """Logits of the DPE reference at every position of `tokens`: (n_tokens, n_vocab) numpy array
     in the computation's dtype (float32 by default, float64 with dtype=torch.float64).
 
-    model: a GGUF path, or a `dpe_gguf.reference.ReferenceModel` already loaded.
+    model: a GGUF path, or a `dpe_gguf.reference.model.ReferenceModel` already loaded.
     table, window: the divisor table (n_layer, n_head_kv, n_rot/2) and w. Leave both out to read
     `rope_dpe.weight` and `dpe.window` from a DPE GGUF; for the unmodified model pass
     `table=np.ones(...)` (any window).
@@ -30,7 +30,7 @@ def reference_logits(model, tokens, table=None, window: int | None = None, *,
     """
     import torch
 
-    from . import reference
+    from dpe_gguf.reference import model as reference
 
     if (table is None) != (window is None):
         raise ValueError("pass both table and window, or neither (to read them from a DPE GGUF)")
@@ -55,7 +55,7 @@ def reference_logits(model, tokens, table=None, window: int | None = None, *,
 
 def _read_dpe_gguf(path) -> tuple[np.ndarray, int]:
     """(rope_dpe.weight as (n_layer, n_head_kv, F) float32, dpe.window) of a DPE GGUF file."""
-    from .model_info import read_dpe
+    from dpe_gguf.format.model_info import read_dpe
 
     found = read_dpe(path)
     if found is None:

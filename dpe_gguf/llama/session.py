@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DPEError
+from dpe_gguf.errors import DPEError
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpe_gguf.errors import DPEError
-from dpe_gguf.native import build_info, tool_path
+from dpe_gguf.llama.native import build_info, tool_path
 
 
 def default_ngl() -> int:
@@ -37,7 +37,7 @@ def gpu_present() -> tuple[bool, str]:
         return False, "no GPU (this build has no CUDA)"
     import llama_cpp
 
-    from dpe_gguf.llama_session import quiet_llama_log
+    from dpe_gguf.llama.session import quiet_llama_log
     with quiet_llama_log():
         llama_cpp.llama_backend_init()
         if not llama_cpp.llama_supports_gpu_offload():
@@ -174,7 +174,7 @@ def token_counter(model: Path, threads: int | None = None) -> Iterator[Callable[
     """A function text -> its number of tokens as a prompt body, by the model's own tokenizer: a small
     llama-server on the CPU (DPE off for a DPE file: tokenization does not depend on it). Prompts of
     calibration and evaluation are sized with it."""
-    from dpe_gguf.model_info import has_dpe, open_reader
+    from dpe_gguf.format.model_info import has_dpe, open_reader
     with open_reader(model) as reader:
         args = ["--dpe", "off"] if has_dpe(reader) else []
     with Server(Path(model), 256, args, RunSettings(ngl=0, flash_attn=False, threads=threads)) as tok:

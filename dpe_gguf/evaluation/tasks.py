@@ -33,7 +33,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .texts import load_haystack  # noqa: F401  (part of this module's API: the tasks' default haystack)
+from dpe_gguf.texts import load_haystack  # noqa: F401  (part of this module's API: the tasks' default haystack)
 
 TASKS = ("passkey", "multi_needle", "multi_key", "multi_value", "multi_query")
 

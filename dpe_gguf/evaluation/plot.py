@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DPEError
+from dpe_gguf.errors import DPEError
 
 
 def plot_divisor_table(table: np.ndarray, path: str | os.PathLike[str], title: str = "") -> Path:

@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent   # dpe_gguf/: the build installs bin/, lib/ and _native there
 LIB_DIR = PACKAGE_DIR / "lib"
 BIN_DIR = PACKAGE_DIR / "bin"
 TOOLS = ("llama-cli", "llama-completion", "llama-server", "llama-bench", "llama-perplexity")

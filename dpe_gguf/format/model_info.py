@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import params as P
-from .errors import DPEError
-from .gguf_header import GGUFHeader
+from dpe_gguf.format import params as P
+from dpe_gguf.errors import DPEError
+from dpe_gguf.format.gguf_header import GGUFHeader
 
 # llama_model_rope_type(), pinned llama.cpp; architecture names from LLM_ARCH_NAMES (src/llama-arch.cpp).
 _ROPE_NONE = frozenset("""
@@ -261,7 +261,7 @@ def _uniform_count(value: Any, key: str, where: str) -> int:
 
 
 def open_reader(path: str | os.PathLike[str]) -> GGUFHeader:
-    """Parse the header of the GGUF file at ``path`` (see :mod:`dpe_gguf.gguf_header`), turning every way
+    """Parse the header of the GGUF file at ``path`` (see :mod:`dpe_gguf.format.gguf_header`), turning every way
     a file can be broken into a :class:`DPEError` that names it. The result offers the subset of
     ``gguf.GGUFReader`` used here (``fields[key].contents()``, ``tensors``)."""
     path = Path(path)

@@ -14,7 +14,7 @@ Every method is a way of running the same GGUF in the patched llama.cpp:
 F is `auto` unless a method names it (`linear:8`): the smallest power of two that is at least
 max(4, length / L), the anchor table's settings (x4 up to 4L, x8 at 8L).
 
-Tasks come from :mod:`dpe_gguf.evaltasks` (seeded, reproducible); ``ppl`` is perplexity over
+Tasks come from :mod:`dpe_gguf.evaluation.tasks` (seeded, reproducible); ``ppl`` is perplexity over
 natural text at each length (llama-perplexity, second half of each window scored).
 """
 from __future__ import annotations
@@ -31,15 +31,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from dpe_gguf import evaltasks
+from dpe_gguf.evaluation import tasks as evaltasks
 from dpe_gguf.errors import DPEError
-from dpe_gguf.gguf_stream import write_atomic
-from dpe_gguf.model_info import ModelInfo, has_dpe, open_reader, read_model_info
+from dpe_gguf.format.gguf_stream import write_atomic
+from dpe_gguf.format.model_info import ModelInfo, has_dpe, open_reader, read_model_info
 from dpe_gguf.paths import cache_root
-from dpe_gguf.runtime import RunSettings, Server, context_cap_args, perplexity, token_counter
+from dpe_gguf.llama.runtime import RunSettings, Server, context_cap_args, perplexity, token_counter
 
 METHODS = ("vanilla", "linear", "ntk", "yarn", "selfextend", "dpe")
 TASKS = (*evaltasks.TASKS, "ppl")
+DEFAULT_TRIALS = 5        # samples per (task, length)
+DEFAULT_SE_WINDOW = 1024  # Self-Extend's window when none is given
 CACHE_DIR_NAME = "eval-models"
 
 
@@ -106,7 +108,7 @@ class Methods:
     into a cache folder as needed)."""
 
     def __init__(self, model: str | Path, dpe_model: str | Path | None, cache_dir: Path,
-                 se_window: int = 1024, progress: bool = True):
+                 se_window: int = DEFAULT_SE_WINDOW, progress: bool = True):
         self.model = Path(model)
         self.info: ModelInfo = read_model_info(self.model)
         self.input_has_dpe = has_dpe(open_reader(self.model))
@@ -134,8 +136,8 @@ class Methods:
 
     def selfextend_model(self, factor: int) -> Path:
         """A copy of the model with a uniform divisor table (cached)."""
-        from dpe_gguf.convert import convert, strip
-        from dpe_gguf.params import DPEParams
+        from dpe_gguf.format.convert import convert, strip
+        from dpe_gguf.format.params import DPEParams
         folder = self.cache_dir / CACHE_DIR_NAME / self._input_tag()
         out = folder / f"selfextend-{factor}-w{self.se_window}.dpe.gguf"
         if out.exists():
@@ -185,11 +187,11 @@ class EvalConfig:
     tasks: list[str]
     lengths: list[int]
     methods: list[MethodSpec]
-    trials: int = 5
+    trials: int = DEFAULT_TRIALS
     seed: int = 0
     dpe_model: Path | None = None
     text: Path | None = None
-    se_window: int = 1024
+    se_window: int = DEFAULT_SE_WINDOW
     settings: RunSettings = field(default_factory=RunSettings)
     cache_dir: Path = field(default_factory=cache_root)
     ppl_chunks: int = 1

@@ -2,7 +2,7 @@
 
     texts = calibration_texts(n_samples=4, n_chars=12000, seed=0)   # shipped text, ~2.7k tokens each
     scores = key_scores("model.gguf", texts, n_tokens=2048)         # (n_layer, n_head_kv, F) float64
-    keep = dpe_gguf.topk_mask(scores, default_topk(scores.shape[-1]))   # dpe_gguf.params.topk_mask
+    keep = dpe_gguf.topk_mask(scores, default_topk(scores.shape[-1]))   # dpe_gguf.format.params.topk_mask
 
 ``key_scores`` runs the model with llama.cpp's graph evaluation callback (``cb_eval``) and reads the
 query and key of every layer *before* RoPE: the last node named ``Qcur-{il}`` / ``Kcur-{il}`` that
@@ -19,7 +19,7 @@ For each layer ``l``, query head ``q`` (KV head ``h = q // (n_head / n_head_kv)`
 where ``|x_f|`` is the 2-norm of the pair that frequency ``f`` rotates: dims ``(2f, 2f+1)`` for NORMAL
 rope, ``(f, f + n_rot/2)`` for NEOX; dims past ``n_rot`` do not rotate and are ignored. ``c`` is
 averaged over the texts (each weighted equally, whatever its length), then the query heads of each
-KV head are summed (``dpe_gguf.params.fold_query_heads``).
+KV head are summed (``dpe_gguf.format.params.fold_query_heads``).
 
 The capture runs in a Python ctypes callback with NumPy: per ubatch and layer it copies one Q and
 one K tensor (``ggml_backend_tensor_get``, so offloaded layers work too), reduces them to per-pair
@@ -38,18 +38,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DPEError
-from .llama_session import LlamaSession
-from .model_info import ModelInfo, has_dpe, open_reader
-from .params import fold_query_heads
+from dpe_gguf.errors import DPEError
+from dpe_gguf.llama.session import LlamaSession
+from dpe_gguf.format.model_info import ModelInfo, has_dpe, open_reader
+from dpe_gguf.format.params import fold_query_heads
 
 MIN_TOKENS = 64
 GGML_TYPE_F32 = 0
 
 
+DEFAULT_TOPK_FRACTION = 0.75
+
+
 def default_topk(n_freq: int) -> int:
     """Frequencies kept per (layer, KV head) by default: 75% of ``F`` (the paper keeps 48 of 64)."""
-    return max(1, round(0.75 * n_freq))
+    return max(1, round(DEFAULT_TOPK_FRACTION * n_freq))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +69,7 @@ def calibration_texts(n_samples: int, n_chars: int, seed: int, path: str | os.Pa
     random placement of non-overlapping chunks). Otherwise they are spread evenly with a seeded phase
     and overlap as little as the length allows. Same arguments, same chunks.
     """
-    from .texts import load_haystack
+    from dpe_gguf.texts import load_haystack
 
     for value, what in ((n_samples, "n_samples"), (n_chars, "n_chars")):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -106,7 +109,7 @@ def _ggml() -> ctypes.CDLL:
     """ctypes handle of the patched libggml-base (the copy libllama itself uses)."""
     global _GGML
     if _GGML is None:
-        from .native import LIB_DIR
+        from dpe_gguf.llama.native import LIB_DIR
         name = {"darwin": "libggml-base.dylib", "win32": "ggml-base.dll"}.get(sys.platform, "libggml-base.so")
         lib = ctypes.CDLL(str(LIB_DIR / name))
         vp = ctypes.c_void_p

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DPEError
+from dpe_gguf.errors import DPEError
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32

@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from dpe_gguf import evaltasks
-from dpe_gguf.convert import convert
+from dpe_gguf.evaluation import tasks as evaltasks
+from dpe_gguf.format.convert import convert
 from dpe_gguf.models import default_model
-from dpe_gguf.params import DPEParams
-from dpe_gguf.model_info import read_model_info
+from dpe_gguf.format.params import DPEParams
+from dpe_gguf.format.model_info import read_model_info
 from dpe_gguf.paths import cache_root
-from dpe_gguf.runtime import RunSettings, Server, context_cap_args, default_ngl, env_threads
+from dpe_gguf.llama.runtime import RunSettings, Server, context_cap_args, default_ngl, env_threads
 
 # Hand-picked groups (window 1024, divisors 2..16 from the fastest to the slowest frequencies): on the
 # H100 this table retrieves 20/20, 19/20 and 16/20 pass keys at 8k, 16k and 32k where stock llama.cpp

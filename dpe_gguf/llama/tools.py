@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dpe_gguf.native import NativeBuildMissing, tool_path
+from dpe_gguf.llama.native import NativeBuildMissing, tool_path
 
 
 def _exec(name: str) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from . import params as P
-from .errors import DPEError
-from .gguf_stream import (
+from dpe_gguf.format import params as P
+from dpe_gguf.errors import DPEError
+from dpe_gguf.format.gguf_stream import (
     NewTensor,
     atomic_output,
     kv_string,
@@ -33,7 +33,7 @@ from .gguf_stream import (
     plan_size,
     write_gguf,
 )
-from .model_info import ModelInfo, has_dpe, open_reader, read_dpe
+from dpe_gguf.format.model_info import ModelInfo, has_dpe, open_reader, read_dpe
 
 GGML_TYPE_F32 = 0
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dpe_gguf import __version__
-from dpe_gguf.native import NativeBuildMissing, build_info
+from dpe_gguf.llama.native import NativeBuildMissing, build_info
 
 
 def version_text() -> str:

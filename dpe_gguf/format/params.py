@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DPEError
+from dpe_gguf.errors import DPEError
 
 # The GGUF contract, docs/design.md section 5.
 DPE_VERSION = 1

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import DPEError
-from .gguf_header import GGUFHeader
+from dpe_gguf.errors import DPEError
+from dpe_gguf.format.gguf_header import GGUFHeader
 
 CHUNK_BYTES = 64 * 1024 * 1024
 _FALLBACK_BUFFER_BYTES = 8 * 1024 * 1024
