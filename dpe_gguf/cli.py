@@ -102,9 +102,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.scales is None:
         # no divisors given: calibrate (GPU, --calibrate or --target-context) or the uniform 2T/L table
         from dpe_gguf.calibration.choose import choose_params
+
+        def calibrating() -> None:
+            args.kept_on_interrupt = ("no model was written; the calibration's scores measured so far are cached, and "
+                                      "the same command resumes from them")
         choice = choose_params(args.input, args.output, args.force, target=args.target_context, window=args.window,
                                calibrate_now=args.calibrate, topk=args.topk, scores=args.scores, quick=args.quick,
-                               parallel=_parallel(args), quiet=args.quiet)
+                               parallel=_parallel(args), quiet=args.quiet, on_calibrate=calibrating)
         params, scores, message = choice.params, choice.scores, choice.message
     else:
         if args.window is None:

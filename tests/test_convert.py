@@ -743,7 +743,8 @@ def test_convert_without_options_calibrates_where_a_gpu_is(llama, tmp_path, caps
     monkeypatch.setattr(choose, "calibrate", fake_calibrate)
     out = tmp_path / "cal.gguf"
     assert main(["convert", str(llama), "-o", str(out)]) == 0
-    assert calls == [(2048, dict(window=64, topk=None, quick=False, scores=None, parallel=1, quiet=False))]
+    assert [(t, {k: v for k, v in kw.items() if k != "on_calibrate"}) for t, kw in calls] == \
+        [(2048, dict(window=64, topk=None, quick=False, scores=None, parallel=1, quiet=False))]
     params, table = read_dpe(out)
     assert params.group_scales == (8, 8, 4, 16, 8, 8, 8, 16) and params.target_context == 2048
     assert params.calibration.startswith("dpe-gguf convert: no options; calibrated (GPU present): dpe-gguf calibrate")
@@ -752,6 +753,25 @@ def test_convert_without_options_calibrates_where_a_gpu_is(llama, tmp_path, caps
     assert main(["convert", str(llama), "-o", str(out), "--target-context", "3000", "--quick", "--force", "-q"]) == 0
     assert calls[-1][0] == 3000 and calls[-1][1]["quick"] is True
     assert "--target-context 3000; calibrated (--target-context given)" in read_dpe(out)[0].calibration
+
+
+def test_interrupted_calibration_says_what_is_kept(llama, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while convert calibrates: no model is written, and the message says the scores measured so far are
+    cached (an interruption before calibration starts says nothing was written)."""
+    from dpe_gguf.calibration import choose
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("dpe_gguf.llama.runtime.gpu_present", lambda: (True, "GPU present"))
+    monkeypatch.setattr(choose, "calibrate", interrupted)
+    before = listing(tmp_path)
+    assert main(["convert", str(llama), "-o", str(tmp_path / "o.gguf"), "-q"]) == 130
+    assert "interrupted; no model was written; the calibration's scores measured so far are cached" in \
+        capsys.readouterr().err
+    assert listing(tmp_path) == before
+    monkeypatch.setattr(choose, "check_output", interrupted)       # before calibration is decided on
+    assert main(["convert", str(llama), "-o", str(tmp_path / "o.gguf"), "-q"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
 
 
 def test_existing_output_is_refused_before_any_work(llama, tmp_path, capsys, no_gpu):

@@ -3,6 +3,7 @@ table calibration starts from (every group at 2T/L: Self-Extend), and what to te
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ class ConvertChoice:
 def choose_params(model: str | Path, output: str | Path | None = None, force: bool = False,
                   target: int | None = None, window: int | None = None, calibrate_now: bool | None = None,
                   topk: int | None = None, scores: Any = None, quick: bool = False, parallel: int = 1,
-                  quiet: bool = False) -> ConvertChoice:
+                  quiet: bool = False, on_calibrate: Callable[[], None] | None = None) -> ConvertChoice:
     """Divisors for `model` when the user gave none.
 
     ``target`` defaults to ``DEFAULT_TARGET_FACTOR`` x the trained context L, ``window`` to
@@ -66,6 +67,8 @@ def choose_params(model: str | Path, output: str | Path | None = None, force: bo
     The output is checked (:func:`dpe_gguf.format.convert.check_output`) before any time is spent.
     ``topk``/``scores`` select frequencies as `convert --topk/--scores` do (calibration measures them
     when not given; the uniform table scales every frequency unless ``topk`` is given).
+    ``on_calibrate`` is called once calibration is decided on, before it starts (the CLI then says, if
+    interrupted, that the scores measured so far are cached).
     """
     model = Path(model)
     info = read_model_info(model)
@@ -89,6 +92,8 @@ def choose_params(model: str | Path, output: str | Path | None = None, force: bo
     check_output(model, output, force)          # refuse before spending any time
     if calibrate_now:
         say(f"calibrating for {target} tokens ({why}); --no-calibrate writes the uniform table at once", quiet)
+        if on_calibrate is not None:
+            on_calibrate()
         cal = calibrate(model, target, window=window, topk=topk, quick=quick, scores=scores, parallel=parallel,
                         quiet=quiet)
         p = cal.params()
