@@ -49,7 +49,8 @@ def write_tiny_gguf(path: str | os.PathLike[str], arch: str = "llama", n_layer: 
 
     Matrices (attention, feed-forward, embeddings) use ``qtype``; norms and biases stay F32.
     ``rope_type_override='mrope'`` writes ``{arch}.rope.dimension_sections`` with two non-zero
-    sections, which turns the architectures that support it (glm4, glm4moe, ...) into MROPE.
+    sections, which turns the architectures that support it (glm4, glm4moe, ...) into MROPE; the architectures
+    whose rope is always multimodal need the key too (qwen2vl, and qwen3vl, which is IMROPE).
     ``extra_kv`` adds or replaces metadata keys (Python int >= 0 -> uint32, float -> float32, str,
     bool, list -> array); a value of None removes a key that would otherwise be written.
     """

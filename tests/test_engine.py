@@ -230,16 +230,27 @@ def test_window_override_reaches_the_engine(tiny):
     assert report.max_abs_diff < 1e-3 * (ref.max() - ref.min()), report
 
 
-def test_unknown_dpe_version_is_refused(tiny):
-    _, dpe, _, _ = tiny
+def load_refusal(model, capfd, **overrides) -> str:
+    """The loader's error line for ``model`` loaded in process with ``overrides``: llama-cpp-python raises a
+    ValueError for any failed load, and the reason is only in llama.cpp's log (on fd 2 with verbose=True)."""
+    capfd.readouterr()
     with pytest.raises(ValueError):
-        llama_cpp.Llama(str(dpe), n_ctx=64, verbose=False, kv_overrides={"dpe.version": 2})
+        llama_cpp.Llama(str(model), n_ctx=64, verbose=True, kv_overrides=overrides)
+    lines = [line for line in capfd.readouterr().err.splitlines() if "error loading model" in line]
+    assert lines, "the failed load logged no loader error"
+    return lines[0]
 
 
-def test_window_not_below_trained_context_is_refused(tiny):
+def test_unknown_dpe_version_is_refused(tiny, capfd):
     _, dpe, _, _ = tiny
-    with pytest.raises(ValueError):
-        llama_cpp.Llama(str(dpe), n_ctx=64, verbose=False, kv_overrides={"dpe.window": 256})
+    assert ("DPE: unknown dpe.version 2; this build of dpe-gguf reads version 1 (update dpe-gguf, or re-convert "
+            "the model with this version)") in load_refusal(dpe, capfd, **{"dpe.version": 2})
+
+
+def test_window_not_below_trained_context_is_refused(tiny, capfd):
+    _, dpe, _, _ = tiny
+    assert ("DPE: window 256 is not below the trained context 256; choose a smaller window (--dpe-window)"
+            in load_refusal(dpe, capfd, **{"dpe.window": 256}))
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ that names DPE (or the dpe.* key / rope_dpe.weight tensor at fault), never a cra
 that is legal, however odd, runs normally.
 
 Every case is the tiny random llama of tests/tiny_models.py (trained context 256, 2 layers, 2 KV heads,
-F = 8) converted with window 32, then one DPE key or the table rewritten by dpe_gguf.gguf_stream, and
+F = 8) converted with window 32, then one DPE key or the table rewritten by dpe_gguf.format.gguf_stream, and
 run by llama-bench -v (a 48-token prompt, past the window, and 2 generated tokens). The loader's checks
 are llama_dpe_load_hparams and llama_dpe_create_tensors (csrc/llama-dpe-engine.cpp) and llama.cpp's
 own key and tensor checks.
@@ -26,9 +26,9 @@ import pytest
 pytest.importorskip("torch")
 
 from dpe_gguf import DPEParams, convert  # noqa: E402
-from dpe_gguf.gguf_header import GGUFHeader  # noqa: E402
-from dpe_gguf.gguf_stream import NewTensor, kv_string, kv_uint32, kv_uint32_array, write_gguf  # noqa: E402
-from dpe_gguf.native import NativeBuildMissing, tool_path  # noqa: E402
+from dpe_gguf.format.gguf_header import GGUFHeader  # noqa: E402
+from dpe_gguf.format.gguf_stream import NewTensor, kv_string, kv_uint32, kv_uint32_array, write_gguf  # noqa: E402
+from dpe_gguf.llama.native import NativeBuildMissing, tool_path  # noqa: E402
 from tiny_models import write_tiny_gguf  # noqa: E402
 
 TABLE = "rope_dpe.weight"
@@ -118,10 +118,12 @@ def u32(key: str, value: int) -> dict[str, bytes]:
 
 REFUSED = {
     # the semantic cases
-    "version-2": (u32("dpe.version", 2), KEEP, "DPE: unknown dpe.version 2"),
+    "version-2": (u32("dpe.version", 2), KEEP, "DPE: unknown dpe.version 2; this build of dpe-gguf reads version 1 "
+                                               "(update dpe-gguf, or re-convert the model with this version)"),
     "version-0": (u32("dpe.version", 0), KEEP, "DPE: unknown dpe.version 0"),
     "window-at-trained-context": (u32("dpe.window", TRAINED), KEEP,
-                                  f"DPE: window {TRAINED} is not below the trained context {TRAINED}"),
+                                  f"DPE: window {TRAINED} is not below the trained context {TRAINED}; "
+                                  "choose a smaller window (--dpe-window)"),
     "window-past-trained-context": (u32("dpe.window", 1000), KEEP, "DPE: window 1000 is not below the trained"),
     "window-uint32-max": (u32("dpe.window", UINT32_MAX), KEEP, f"DPE: window {UINT32_MAX} is not below"),
     "divisor-nan": ({}, table(float("nan")), "nan at layer 1, KV head 0, frequency 3"),
@@ -175,7 +177,8 @@ def test_bad_dpe_metadata_is_refused_with_a_message(dpe_model, tmp_path, case):
 
 def test_a_window_override_at_the_trained_context_is_refused(dpe_model):
     line = load_error(complete(dpe_model, "--dpe-window", str(TRAINED), runs=10))
-    assert f"DPE: window {TRAINED} is not below the trained context {TRAINED}" in line
+    assert (f"DPE: window {TRAINED} is not below the trained context {TRAINED}; "
+            "choose a smaller window (--dpe-window)") in line
 
 
 # ---------------------------------------------------------------- legal, however odd: runs normally
@@ -239,13 +242,18 @@ def with_dpe_keys(plain: Path, out: Path) -> Path:
 
 
 # (architecture, factory options, the loader's message); gemma2 has sliding-window layers, glm4 with
-# rope.dimension_sections is MROPE (multimodal rope)
+# rope.dimension_sections is MROPE (multimodal rope), qwen3vl (which requires the sections) is IMROPE (interleaved
+# multimodal rope). The fourth rope type DPE refuses, VISION, is no text architecture's at this pin (only
+# mtmd's image encoders use it, which llama.cpp's model loader does not load).
 UNSUPPORTED = {
     "sliding-window": ("gemma2", {}, "DPE: models with sliding-window attention layers are not supported yet; "
                                      "run the model without DPE (--dpe off)"),
     "multimodal-rope": ("glm4", {"rope_type_override": "mrope"},
                         "DPE: rope type 'mrope' is not supported (NORMAL and NEOX are); "
                         "run the model without DPE (--dpe off)"),
+    "interleaved-multimodal-rope": ("qwen3vl", {"rope_type_override": "mrope"},
+                                    "DPE: rope type 'imrope' is not supported (NORMAL and NEOX are); "
+                                    "run the model without DPE (--dpe off)"),
 }
 
 
