@@ -4,7 +4,7 @@ lengths, both measured through the patched llama.cpp.
 1. Selection: :func:`dpe_gguf.calibration.selection.key_scores` on ordinary text (the shipped haystack or
    ``--text``); the top-k frequencies per (layer, KV head) get divisors, the others keep 1.
 2. Detection: for the target length T, every group but the one under test is held at a background
-   divisor, 2T/L (the spec) or, with ``background="uniform"``, the best uniform divisor found by a
+   divisor, 2T/L (docs/design.md section 4) or, with ``background="uniform"``, the best uniform divisor found by a
    first sweep of uniform (Self-Extend) tables; the group under test sweeps divisors 1, 2, 4, ... up
    to T/w (lengths T, T/2, ... down to the window); each candidate table is scored on the same
    retrieval prompts at length T (multi-needle by default, or several tasks' prompts together),

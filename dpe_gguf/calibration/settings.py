@@ -64,8 +64,8 @@ def background_divisor(target: int, L: int) -> int:
 
 
 def default_window(L: int) -> int:
-    """The local window when none is given: the spec's 1024, or L/8 for models trained on fewer
-    than 8192 tokens (docs/design.md section 2: always below L)."""
+    """The local window when none is given: 1024, or L/8 for models trained on fewer than 8192 tokens (docs/design.md
+    section 2: always below L)."""
     return min(1024, L // 8)
 
 

@@ -8,11 +8,11 @@ Every method is a way of running the same GGUF in the patched llama.cpp:
 | linear | `--rope-scaling linear --rope-scale F` (position interpolation) |
 | ntk | `--rope-freq-base B * F^(d / (d - 2))` (NTK-aware base scaling, d = rotated dims) |
 | yarn | `--rope-scaling yarn --rope-scale F --yarn-orig-ctx L` |
-| selfextend | the DPE engine with every divisor F and window `--se-window` (Self-Extend's grouped attention; stock llama.cpp's `--grp-attn-n` fails even at 4k, see the spec's anchor table) |
+| selfextend | the DPE engine with every divisor F and window `--se-window` (Self-Extend's grouped attention; stock llama.cpp's `--grp-attn-n 4/8` retrieved 0/5 passkeys at every length from 4k to 32k on SmolLM2 in the anchor measurements docs/RESULTS.md compares with) |
 | dpe | the DPE GGUF's own table (the input when it has one, else `--dpe-model`) |
 
 F is `auto` unless a method names it (`linear:8`): the smallest power of two that is at least
-max(4, length / L), the anchor table's settings (x4 up to 4L, x8 at 8L).
+max(4, length / L), the settings of those anchor measurements (x4 up to 4L, x8 at 8L).
 
 Tasks come from :mod:`dpe_gguf.evaluation.tasks` (seeded, reproducible); ``ppl`` is perplexity over
 natural text at each length (llama-perplexity, second half of each window scored).

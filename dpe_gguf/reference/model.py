@@ -1,18 +1,18 @@
 """A plain PyTorch reference of DPE (docs/design.md sections 1-3) on the weights of a GGUF file.
 
 This is the yardstick the llama.cpp engine is judged by, so it is written to be read: one
-function per concept of the spec, in the spec's order and names.
+function per concept of docs/design.md, in its order and names (section numbers in brackets).
 
-    rope_theta            theta_f, the model's own angle rate of frequency f         (spec 1)
-    frequency_pairs       which two dimensions frequency f rotates (NORMAL / NEOX)   (spec 1)
-    divisor_table         sigma(l, h, f) from the group divisors s_g                  (spec 2)
-    dpe_key_positions     P_k(j, s) = floor(j / s)                                    (spec 3)
-    dpe_query_positions   P_q(i, s) = floor(i / s) + w - floor(w / s)                 (spec 3)
+    rope_theta            theta_f, the model's own angle rate of frequency f         (design 1)
+    frequency_pairs       which two dimensions frequency f rotates (NORMAL / NEOX)   (design 1)
+    divisor_table         sigma(l, h, f) from the group divisors s_g                  (design 2)
+    dpe_key_positions     P_k(j, s) = floor(j / s)                                    (design 3)
+    dpe_query_positions   P_q(i, s) = floor(i / s) + w - floor(w / s)                 (design 3)
     rotate / rope         rotate frequency f of a vector by an angle / by pos * theta_f
-    rope_dpe_q/rope_dpe_k rotate frequency f by P_q / P_k times theta_f               (spec 3)
-    merge_scores          near (r < w) and far (r >= w) scores merged into one matrix (spec 3)
+    rope_dpe_q/rope_dpe_k rotate frequency f by P_q / P_k times theta_f               (design 3)
+    merge_scores          near (r < w) and far (r >= w) scores merged into one matrix (design 3)
     dpe_scores            rotations + merge_scores, from unrotated q and k
-    dpe_attention         one softmax over all keys of a query, times V               (spec 3)
+    dpe_attention         one softmax over all keys of a query, times V               (design 3)
 
 `load_model` reads a GGUF file (llama, which includes Mistral, and qwen2), dequantizes every
 tensor with gguf-py and keeps llama.cpp's own tensor layout: a llama file's Q/K rows stay in
@@ -239,7 +239,7 @@ class ReferenceModel:
     n_vocab: int
     n_ctx_train: int
     rms_eps: float
-    theta: torch.Tensor               # (F,) float64, spec's theta_f
+    theta: torch.Tensor               # (F,) float64, design section 1's theta_f
     weights: dict                     # GGUF tensor name -> torch tensor, ggml's layout
     dtype: torch.dtype = torch.float32
 
