@@ -30,11 +30,28 @@ def run(tiny, cache, monkeypatch, **kw):
     return C.calibrate(tiny, TARGET, **{**args, **kw})
 
 
+def test_settings_resolve_for_the_model_and_record_the_files_settings(monkeypatch):
+    """One settings object: the model's defaults filled in and checked, and the calibration file's "settings"
+    with the keys files written before it have (the score cache is keyed by them too)."""
+    monkeypatch.setattr("dpe_gguf.llama.runtime.build_info", lambda: {"cuda": False})
+    s = S.CalibrationSettings(target=32768, quick=True, task="passkey, multi_needle,passkey").resolved(8192, 32)
+    assert (s.window, s.topk, s.trials, s.task, s.ngl) == (1024, 24, 2, "passkey,multi_needle", 0)
+    assert S.CalibrationSettings(target=32768).resolved(8192, 32).trials == 5
+    assert list(s.record()) == ["target", "window", "topk", "n_groups", "text", "sel_samples", "sel_tokens", "task",
+                                "trials", "seed", "quick", "select", "scorer", "background"]
+    assert s.record()["select"] is True and s.record(given_scores=True)["select"] == "given scores"
+    for bad, match in ((dict(window=8192), "window 8192 is not below the trained context 8192"),
+                       (dict(target=8192), "nothing to extend"), (dict(background="x"), "background 'x'"),
+                       (dict(scorer="x"), "scorer 'x'"), (dict(task="ppl"), "detection task 'ppl'")):
+        with pytest.raises(DPEError, match=match):
+            S.CalibrationSettings(**{"target": 32768, **bad}).resolved(8192, 32)
+
+
 def test_candidates_and_background_divisor():
-    s = S.DetectSettings(target=32768, window=1024)
+    s = S.CalibrationSettings(target=32768, window=1024)
     assert S.background_divisor(32768, 8192) == 8
     assert s.candidates(8192) == [1, 2, 4, 8, 16, 32]          # T/len for len = T .. w
-    assert S.DetectSettings(target=32768, window=1024, quick=True).candidates(8192) == [4, 8, 16]
+    assert S.CalibrationSettings(target=32768, window=1024, quick=True).candidates(8192) == [4, 8, 16]
     assert S.background_divisor(65536, 8192) == 16
 
 

@@ -34,46 +34,29 @@ import numpy as np
 from dpe_gguf.calibration.cache import ScoreCache, cache_root, file_sha256
 from dpe_gguf.calibration.report import say
 from dpe_gguf.calibration.result import Calibration
-from dpe_gguf.calibration.settings import (BACKGROUNDS, DEFAULT_GROUPS, DEFAULT_TASK, DEFAULT_TRIALS, QUICK_TRIALS,
-                                           SCORERS, DetectSettings, check_extension, default_window, parse_tasks)
+from dpe_gguf.calibration.settings import CalibrationSettings
 from dpe_gguf.calibration.sweep import detect, select
-from dpe_gguf.errors import DPEError
 from dpe_gguf.format.model_info import read_model_info
 from dpe_gguf.format.params import topk_mask
 
 
-def calibrate(model: str | Path, target: int, window: int | None = None, topk: int | None = None,
-              n_groups: int = DEFAULT_GROUPS, text: Path | None = None, sel_samples: int = 4,
-              sel_tokens: int = 2048, task: str = DEFAULT_TASK, trials: int | None = None, seed: int = 0,
-              quick: bool = False, ngl: int | None = None, scales: tuple[int, ...] | None = None,
-              select_frequencies: bool = True, scorer: str = SCORERS[0], scores: Any = None, parallel: int = 1,
-              background: str = BACKGROUNDS[0], quiet: bool = False) -> Calibration:
-    """Run selection and detection for `model`: detection is skipped when `scales` are given,
-    selection when `scores` are (an array or .npy file, as `convert --scores` takes)."""
-    from dpe_gguf.llama.runtime import default_ngl
-    from dpe_gguf.calibration.selection import default_topk
+def calibrate(model: str | Path, target: int, *, scales: tuple[int, ...] | None = None, scores: Any = None,
+              quiet: bool = False, **options: Any) -> Calibration:
+    """Run selection and detection for `model` at the target context `target`: detection is skipped when
+    `scales` are given, selection when `scores` are (an array or .npy file, as `convert --scores` takes).
+    `options` are the other fields of :class:`CalibrationSettings` (window, topk, task, trials, ...)."""
     model = Path(model)
     info = read_model_info(model)
     L = info.context_length
-    window = window if window is not None else default_window(L)
-    topk = topk if topk is not None else default_topk(info.n_freq)
-    ngl = default_ngl() if ngl is None else ngl
-    trials = trials if trials is not None else (QUICK_TRIALS if quick else DEFAULT_TRIALS)
-    check_extension(target, window, L)
-    task = ",".join(parse_tasks(task))
-    if background not in BACKGROUNDS:
-        raise DPEError(f"background {background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
+    s = CalibrationSettings(target=target, **options).resolved(L, info.n_freq)
     t0 = time.time()
     sha = file_sha256(model)
-    settings = dict(target=target, window=window, topk=topk, n_groups=n_groups, text=str(text) if text else None,
-                    sel_samples=sel_samples, sel_tokens=sel_tokens, task=task, trials=trials, seed=seed,
-                    quick=quick, select=select_frequencies, scorer=scorer, background=background)
     given = None
     if scores is not None:
         from dpe_gguf.format.convert import load_scores
         scores = load_scores(scores, info)     # folded, checked against the model
         given = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float64).tobytes()).hexdigest()
-        settings["select"] = "given scores"
+    settings = s.record(given_scores=scores is not None)
     # measurements are keyed by candidate table inside the file, so quick and full runs, and either
     # background, share one cache ("cache": 3 since the prompts come from the calibration stream)
     shared = {k: v for k, v in settings.items() if k not in ("quick", "background")}
@@ -84,18 +67,16 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
 
     keep = None
     if scores is not None:
-        keep = topk_mask(scores, topk)
-    elif select_frequencies:
+        keep = topk_mask(scores, s.topk)
+    elif s.select_frequencies:
         cached = cache.get("selection")
         if cached is None:
-            scores = select(model, text, sel_samples, min(sel_tokens, L), seed, ngl, quiet)
+            scores = select(model, s.text, s.sel_samples, min(s.sel_tokens, L), s.seed, s.ngl, quiet)
             cache.put("selection", scores.tolist())
         else:
             scores = np.asarray(cached, dtype=np.float64)
-        keep = topk_mask(scores, topk)
+        keep = topk_mask(scores, s.topk)
     if scales is None:
-        s = DetectSettings(target=target, window=window, n_groups=n_groups, task=task, trials=trials, seed=seed,
-                           quick=quick, ngl=ngl, scorer=scorer, parallel=parallel, background=background)
         d = detect(model, keep, s, cache, quiet)
         scales, found = d.scales, dict(detection=d.means(), background=d.background,
                                        uniform={str(c): v for c, v in d.uniform.items()},
@@ -103,6 +84,6 @@ def calibrate(model: str | Path, target: int, window: int | None = None, topk: i
                                                    for g, by in d.groups.items()})
     else:
         found = {}
-    return Calibration(model_sha256=sha, target=target, window=window, topk=topk, group_scales=tuple(scales),
+    return Calibration(model_sha256=sha, target=target, window=s.window, topk=s.topk, group_scales=tuple(scales),
                        scores=None if scores is None else scores.tolist(), settings=settings,
                        seconds=round(time.time() - t0, 1), **found)

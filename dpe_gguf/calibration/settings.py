@@ -3,7 +3,8 @@ default window, and which extensions are allowed (docs/design.md sections 2 and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from dpe_gguf.errors import DPEError
 from dpe_gguf.format.params import check_target_context, check_window
@@ -18,21 +19,52 @@ SCORERS = ("logprob", "hits")      # the first is the default
 BACKGROUNDS = ("fixed", "uniform")  # the first is the default
 
 
-@dataclass
-class DetectSettings:
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Every setting of a calibration. None: chosen for the model by :meth:`resolved` (window, topk, ngl, trials).
+    :meth:`record` is what the calibration file keeps of them (its "settings", also the score cache's key)."""
     target: int
-    window: int
+    window: int | None = None        # the local window (default_window(L))
+    topk: int | None = None          # frequencies scaled per KV head (selection.default_topk(F))
     n_groups: int = DEFAULT_GROUPS
-    task: str = DEFAULT_TASK    # a task of DETECTION_TASKS, or several joined by commas
-    trials: int = DEFAULT_TRIALS  # prompts per task
+    text: Path | None = None         # the selection text (None: the shipped text)
+    sel_samples: int = 4             # selection: texts ...
+    sel_tokens: int = 2048           # ... of this many tokens (at most L)
+    select_frequencies: bool = True  # False: no selection, every frequency scaled
+    task: str = DEFAULT_TASK         # a task of DETECTION_TASKS, or several joined by commas
+    trials: int | None = None        # prompts per task (DEFAULT_TRIALS, QUICK_TRIALS with quick)
     seed: int = 0
-    quick: bool = False
-    ngl: int = 0
+    quick: bool = False              # 3 candidate divisors per group around the background
+    scorer: str = SCORERS[0]         # "logprob": mean log-probability of the answer; "hits": greedy answers found
+    background: str = BACKGROUNDS[0]  # "fixed": the others hold 2T/L; "uniform": the best uniform divisor, swept first
+    ngl: int | None = None           # layers on the GPU (runtime.default_ngl(): all with CUDA)
     flash_attn: bool = True
     threads: int | None = None
-    scorer: str = SCORERS[0]    # "logprob": mean log-probability of the answer; "hits": greedy answers found
-    parallel: int = 1           # candidate tables measured at once
-    background: str = BACKGROUNDS[0]  # "fixed": the others hold 2T/L; "uniform": the best uniform divisor, swept first
+    parallel: int = 1                # candidate tables measured at once
+
+    def resolved(self, L: int, n_freq: int) -> "CalibrationSettings":
+        """The settings with the model's defaults filled in and checked (the window below L, the target above it)."""
+        from dpe_gguf.calibration.selection import default_topk
+        from dpe_gguf.llama.runtime import default_ngl
+        if self.background not in BACKGROUNDS:
+            raise DPEError(f"background {self.background!r}: fixed (2T/L) or uniform (the best uniform divisor)")
+        if self.scorer not in SCORERS:
+            raise DPEError(f"scorer {self.scorer!r}: one of {', '.join(SCORERS)}")
+        s = replace(self, window=default_window(L) if self.window is None else self.window,
+                    topk=default_topk(n_freq) if self.topk is None else self.topk,
+                    ngl=default_ngl() if self.ngl is None else self.ngl,
+                    trials=(QUICK_TRIALS if self.quick else DEFAULT_TRIALS) if self.trials is None else self.trials,
+                    task=",".join(parse_tasks(self.task)))
+        check_extension(s.target, s.window, L)
+        return s
+
+    def record(self, given_scores: bool = False) -> dict:
+        """The file's "settings" (resolved settings; the run-only ones, ngl, threads and parallel, are left out)."""
+        return dict(target=self.target, window=self.window, topk=self.topk, n_groups=self.n_groups,
+                    text=str(self.text) if self.text else None, sel_samples=self.sel_samples,
+                    sel_tokens=self.sel_tokens, task=self.task, trials=self.trials, seed=self.seed, quick=self.quick,
+                    select="given scores" if given_scores else self.select_frequencies, scorer=self.scorer,
+                    background=self.background)
 
     @property
     def tasks(self) -> list[str]:

@@ -15,7 +15,7 @@ from dpe_gguf.calibration.cache import ScoreCache, table_key
 from dpe_gguf.calibration.report import say
 from dpe_gguf.calibration.result import Detection
 from dpe_gguf.calibration.scoring import answer_logprobs
-from dpe_gguf.calibration.settings import DetectSettings, background_divisor, check_extension
+from dpe_gguf.calibration.settings import CalibrationSettings, background_divisor, check_extension
 from dpe_gguf.calibration.stats import pick
 from dpe_gguf.errors import DPEError
 from dpe_gguf.evaluation import tasks as evaltasks
@@ -34,7 +34,7 @@ def select(model: Path, text: Path | None, n_samples: int, n_tokens: int, seed: 
 
 
 
-def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: ScoreCache,
+def detect(model: Path, keep: np.ndarray | None, s: CalibrationSettings, cache: ScoreCache,
            quiet: bool = False) -> "Detection":
     """Per-group divisors by the section-4 sweep (after a uniform sweep choosing the background
     divisor when ``s.background == "uniform"``)."""
@@ -124,7 +124,7 @@ def detect(model: Path, keep: np.ndarray | None, s: DetectSettings, cache: Score
 
 
 
-def _convert_candidate(src: Path, out: Path, s: DetectSettings, scales, keep: np.ndarray | None) -> None:
+def _convert_candidate(src: Path, out: Path, s: CalibrationSettings, scales, keep: np.ndarray | None) -> None:
     """`src` with the candidate's divisors; `keep` (top-k per head, the same k everywhere) as 0/1
     scores, which topk_mask turns back into exactly `keep`."""
     from dpe_gguf.format.convert import convert
