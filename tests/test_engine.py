@@ -33,16 +33,17 @@ NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same
 
 
 def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, type_k=None, n_ubatch=16, n_ctx=256,
-                  kv_overrides=None, n_threads=2) -> np.ndarray:
+                  kv_overrides=None, n_threads=2, n_gpu_layers=None) -> np.ndarray:
     """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token.
-    type_kv sets the K and V cache types, type_k the K cache's alone."""
+    type_kv sets the K and V cache types, type_k the K cache's alone; n_gpu_layers defaults to NGL."""
     kw = {}
     if type_kv is not None:
         kw.update(type_k=type_kv, type_v=type_kv)
     if type_k is not None:
         kw.update(type_k=type_k)
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
-                          flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=NGL, verbose=False,
+                          flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads,
+                          n_gpu_layers=NGL if n_gpu_layers is None else n_gpu_layers, verbose=False,
                           kv_overrides=kv_overrides, **kw)
     try:
         llm.eval(list(tokens[:n_prompt]))
@@ -129,6 +130,35 @@ def test_quantized_k_cache_with_hadamard_rotation(tiny64, flash_attn):
     span = ref_dpe.max() - ref_dpe.min()
     assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (err_dpe, err_stock)
     assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (err_dpe, err_stock)
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    """Four layers, head dim 64 (DPE's own flash-attention kernel on CUDA): room to split the layers."""
+    return make_tiny(tmp_path_factory.mktemp("split"), "llama", num_hidden_layers=4, hidden_size=256, head_dim=64)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["no-fa", "fa"])
+def test_layers_split_between_the_cpu_and_a_gpu(tiny_split, flash_attn):
+    """-ngl below the layer count: the first layers run on the CPU, the others on the GPU (and with every layer
+    offloaded, the output too), so the divisor table, which every layer reads, and the window's inputs must reach
+    both devices. Each split is held to the reference as the one-device runs are: DPE within stock's own distance
+    for the same split. Without a GPU every split runs on the CPU, and the splits must then agree exactly."""
+    from dpe_gguf.llama.runtime import gpu_present
+    plain, dpe, tokens, table = tiny_split
+    ref_dpe = reference_logits(dpe, tokens, dtype=torch.float64)
+    ref_plain = reference_logits(plain, tokens, np.ones_like(table), WINDOW, dtype=torch.float64)
+    span = ref_dpe.max() - ref_dpe.min()
+    runs = {}
+    for ngl in (0, 2, 5):   # none, half of the 4 layers, all with the output
+        runs[ngl] = engine_logits(dpe, tokens, n_prompt=N_PROMPT, flash_attn=flash_attn, n_gpu_layers=ngl)
+        err_dpe = compare_logits(ref_dpe, runs[ngl])
+        err_stock = compare_logits(ref_plain, engine_logits(plain, tokens, n_prompt=N_PROMPT, flash_attn=flash_attn,
+                                                            n_gpu_layers=ngl))
+        assert err_dpe.max_abs_diff <= 2 * err_stock.max_abs_diff + 1e-4 * span, (ngl, err_dpe, err_stock)
+        assert err_dpe.argmax_agreement >= err_stock.argmax_agreement - 0.05, (ngl, err_dpe, err_stock)
+    if not gpu_present()[0]:
+        assert all(np.array_equal(runs[0], r) for r in runs.values())
 
 
 @pytest.mark.parametrize("kv_unified", [True, False])
