@@ -88,8 +88,7 @@ def _parse_scales(text: str) -> tuple[int, ...]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``dpe-gguf convert``."""
-    from dpe_gguf.format.convert import check_output, convert
-    from dpe_gguf.format.params import DPEParams
+    from dpe_gguf.format.convert import convert
 
     scores, message = args.scores, None
     if args.calibrate is not None and (args.scales is not None or args.from_calibration):
@@ -111,19 +110,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                parallel=_parallel(args), quiet=args.quiet, on_calibrate=calibrating)
         params, scores, message = choice.params, choice.scores, choice.message
     else:
-        if args.window is None:
-            raise DPEError("--scales needs --window W (the local window)")
-        params = DPEParams(window=args.window, group_scales=_parse_scales(args.scales), topk=args.topk,
-                           target_context=args.target_context)
-        if args.topk is not None and scores is None:
-            # --scales with --topk but no --scores: measure the scores (selection only, no detection)
-            from dpe_gguf.calibration.choose import measure_selection
-            from dpe_gguf.format.model_info import read_model_info
-            info = read_model_info(args.input)
-            params.check_for_model(info.n_freq, info.context_length, args.input)   # before measuring
-            check_output(args.input, args.output, args.force)
-            scores, measured = measure_selection(args.input, args.topk, args.quiet)
-            params = dataclasses.replace(params, calibration=f"dpe-gguf convert: given group scales; {measured}")
+        from dpe_gguf.calibration.choose import given_scales
+        params, scores = given_scales(args.input, args.output, args.force, args.window, _parse_scales(args.scales),
+                                      args.topk, scores, args.target_context, args.quiet)
     if args.calibration:
         params = dataclasses.replace(params, calibration=args.calibration)
     out = convert(args.input, args.output, params=params, scores=scores, force=args.force,

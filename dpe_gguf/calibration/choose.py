@@ -15,6 +15,7 @@ from dpe_gguf.calibration.report import say
 from dpe_gguf.calibration.selection import default_topk
 from dpe_gguf.calibration.settings import DEFAULT_GROUPS, background_divisor, check_extension, default_window
 from dpe_gguf.calibration.sweep import select
+from dpe_gguf.errors import DPEError
 from dpe_gguf.format.convert import check_output
 from dpe_gguf.format.model_info import read_model_info
 from dpe_gguf.format.params import DPEParams
@@ -131,6 +132,24 @@ def choose_params(model: str | Path, output: str | Path | None = None, force: bo
         f"Calibration is not better on every task: {CALIBRATED_MEASURED} (docs/RESULTS.md).",
     ])
     return ConvertChoice(params, scores, False, msg)
+
+
+def given_scales(model: str | Path, output: str | Path | None, force: bool, window: int | None,
+                 scales: tuple[int, ...], topk: int | None, scores: Any, target: int | None,
+                 quiet: bool = False) -> tuple[DPEParams, Any]:
+    """The parameters and scores of `dpe-gguf convert --scales`: the given group divisors, and with ``topk`` but
+    no ``scores`` the selection scores measured (selection only, no detection), once the parameters and the
+    output have been checked."""
+    if window is None:
+        raise DPEError("--scales needs --window W (the local window)")
+    params = DPEParams(window=window, group_scales=scales, topk=topk, target_context=target)
+    if topk is not None and scores is None:
+        info = read_model_info(model)
+        params.check_for_model(info.n_freq, info.context_length, model)   # before measuring
+        check_output(model, output, force)
+        scores, measured = measure_selection(model, topk, quiet)
+        params = replace(params, calibration=f"dpe-gguf convert: given group scales; {measured}")
+    return params, scores
 
 
 def measure_selection(model: str | Path, topk: int, quiet: bool = False) -> tuple[np.ndarray, str]:
