@@ -15,7 +15,7 @@ from dpe_gguf.calibration.cache import ScoreCache, table_key
 from dpe_gguf.calibration.report import say
 from dpe_gguf.calibration.result import Detection
 from dpe_gguf.calibration.scoring import answer_logprobs
-from dpe_gguf.calibration.settings import CalibrationSettings, background_divisor, check_extension
+from dpe_gguf.calibration.settings import CalibrationSettings, background_divisor
 from dpe_gguf.calibration.stats import pick
 from dpe_gguf.errors import DPEError
 from dpe_gguf.evaluation import tasks as evaltasks
@@ -37,11 +37,10 @@ def select(model: Path, text: Path | None, n_samples: int, n_tokens: int, seed: 
 def detect(model: Path, keep: np.ndarray | None, s: CalibrationSettings, cache: ScoreCache,
            quiet: bool = False) -> "Detection":
     """Per-group divisors by the section-4 sweep (after a uniform sweep choosing the background
-    divisor when ``s.background == "uniform"``)."""
+    divisor when ``s.background == "uniform"``); ``s`` as :meth:`CalibrationSettings.resolved` made it."""
     from dpe_gguf.llama.runtime import RunSettings, Server, context_cap_args, token_counter
     info = read_model_info(model)
     L = info.context_length
-    check_extension(s.target, s.window, L)
     G = s.n_groups
     if not 1 <= G <= info.n_freq:
         raise DPEError(f"{G} groups: need 1..{info.n_freq} (F = n_rot/2)")
