@@ -1158,12 +1158,21 @@ __device__ __forceinline__ float dpe_block_reduce(float x, float * red) {
 }
 
 // the splits' partials of one row merged exactly, then the sink and the normalisation. The block's threads find
-// the splits' weights together (dynamic shared memory: n_split floats), then each adds its dims over the splits.
+// the splits' weights together (dynamic shared memory: n_split floats), then thread (d, y) of the block's
+// (blockDim.x/DPE_COMBINE_Y) x DPE_COMBINE_Y adds dims d, d + blockDim.x/DPE_COMBINE_Y, ... over splits y,
+// y + DPE_COMBINE_Y, ... (so that DPE_COMBINE_Y times more loads are in flight than with one thread per dim: at
+// depth 32768 decode has 129 splits), and the DPE_COMBINE_Y sums of a dim are added in a fixed order.
+#define DPE_COMBINE_Y 4
 static __global__ void dpe_fattn_combine(const float * part, const float2 * meta, const float * sinks, float * dst,
                                          const int D, const int n_rows_all, const int n_split, const int n_head) {
-    extern __shared__ float dpe_split_w[]; // [n_split]
+    extern __shared__ float dpe_combine_smem[];
+    float * split_w = dpe_combine_smem;           // [n_split]
+    float * sums    = dpe_combine_smem + n_split;  // [DPE_COMBINE_Y][D]
     __shared__ float red[32];
     const int64_t row = blockIdx.x;
+    const int dx = blockDim.x/DPE_COMBINE_Y;
+    const int tx = threadIdx.x % dx;
+    const int ty = threadIdx.x / dx;
 
     float m = -INFINITY;
     for (int k = threadIdx.x; k < n_split; k += blockDim.x) {
@@ -1177,19 +1186,28 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
     for (int k = threadIdx.x; k < n_split; k += blockDim.x) {
         const float2 ml = meta[(int64_t) k*n_rows_all + row];
         const float  w  = ml.y > 0.0f ? expf(ml.x - Mt) : 0.0f;
-        dpe_split_w[k] = w;
+        split_w[k] = w;
         l += ml.y*w; // w = 0 where the split saw no cell of the row
     }
-    float Lt = dpe_block_reduce<false>(l, red); // its barriers also publish dpe_split_w
+    float Lt = dpe_block_reduce<false>(l, red); // its barriers also publish split_w
     const float f = sinks ? dpe_add_sink(Mt, Lt, sinks[row % n_head]) : 1.0f;
     const float inv = Lt == 0.0f ? 0.0f : f/Lt;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int d = tx; d < D; d += dx) {
         float acc = 0.0f;
-#pragma unroll 8
-        for (int k = 0; k < n_split; ++k) {
-            const float w = dpe_split_w[k];
+#pragma unroll 4
+        for (int k = ty; k < n_split; k += DPE_COMBINE_Y) {
+            const float w = split_w[k];
             const float x = part[((int64_t) k*n_rows_all + row)*D + d];
             acc += w != 0.0f ? x*w : 0.0f; // a split that saw no cell of the row adds nothing
+        }
+        sums[ty*D + d] = acc;
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int y = 0; y < DPE_COMBINE_Y; ++y) {
+            acc += sums[y*D + d];
         }
         dst[row*D + d] = acc*inv;
     }
@@ -1235,7 +1253,8 @@ static void dpe_fattn_run(ggml_backend_cuda_context & ctx, dpe_fa_args a, K kern
     kernel<<<dim3(grid_x, a.n_head_kv*a.n_stream, n_split), nthreads, smem, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
     if (n_split > 1) {
-        dpe_fattn_combine<<<n_rows_all, a.D < 128 ? a.D : 128, n_split*sizeof(float), stream>>>(
+        dpe_fattn_combine<<<n_rows_all, DPE_COMBINE_Y*(a.D < 128 ? a.D : 128),
+                            (n_split + DPE_COMBINE_Y*a.D)*sizeof(float), stream>>>(
             a.part, a.meta, a.sinks, a.dst, a.D, n_rows_all, n_split, a.n_head);
         CUDA_CHECK(cudaGetLastError());
     }
