@@ -11,7 +11,8 @@
 // - Near scores exist only for cells within w of some query of the ubatch: the window set. Its cells are found
 //   on the host from the cells' positions and sequences (at most w - 1 per sequence plus the ubatch's own
 //   tokens), read from the cache and rotated back to ordinary keys (kind KEY_INVERSE with a row index; get_rows
-//   first for quantized caches and Hadamard-rotated ones).
+//   first for quantized caches and Hadamard-rotated ones), or, in decode, read from the store of ordinary keys
+//   that decode graphs keep (llama_dpe_store below).
 // - Without flash attention the score matrix keeps stock's width n_kv: far scores of the far queries against
 //   the cache (stock's matmul), near scores of the ordinary queries against the window cells, merged in place
 //   where 0 <= i - j < w (GGML_OP_DPE_NEAR_SCORES), then stock's masked softmax and V product.
@@ -32,6 +33,7 @@
 #include "llama-dpe-impl.h"
 
 #include "ggml-backend.h"
+#include "ggml-cpp.h"
 #include "ggml-dpe.h"
 #include "llama-arch.h"
 #include "llama-batch.h"
@@ -43,9 +45,13 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <array>
 #include <climits>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -169,6 +175,248 @@ void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model)
     hp.dpe.table = table;
 }
 
+// The window's ordinary keys, kept between ubatches (docs/design.md section 6). Per layer, S slots per (KV head,
+// stream) and one more (slot S) for writes that must land nowhere; a cell's key is kept in slot cell % S, and the
+// host knows which cell each slot holds (cell[stream][slot]). Decode-sized graphs (at most DPE_STORE_MAX_TOKENS
+// tokens per stream) write their new keys to their slots beside the far keys they write to the cache, computed
+// as rotating back computes them, and read the window's keys from the store (one get_rows) when it holds them
+// all; otherwise they rotate the window back from the cache, as prefill graphs always do, and keep what they
+// rotated in the store. Writes to cells outside a graph (a state load, a stream copy) and prefill graphs (which
+// have no store nodes) make the host forget the slots of the cells they write.
+struct llama_dpe_store {
+    int64_t S = 0;
+    std::vector<ggml_tensor *> layer;       // by model layer: [d, S + 1, n_head_kv, n_stream]
+    std::vector<ggml_tensor *> written;     // by model layer: the store write of the graph being built
+    std::vector<std::vector<int32_t>> cell; // [stream][slot]: the cell whose ordinary key the slot holds, -1: none
+    // (stream, slot, cell): window keys the last graph rotated back into the store, trusted once the next ubatch
+    // is planned (the last graph then ran to its end) unless a seq_rm came first
+    std::vector<std::array<int32_t, 3>> pending;
+    std::vector<ggml_context_ptr> ctxs;
+    std::vector<ggml_backend_buffer_ptr> bufs;
+};
+
+// One ubatch's window and store slots, planned when its graph is built or reused (the choice between reading the
+// store and rotating back is part of the graph) and applied by llama_dpe_set_inputs.
+struct llama_dpe_plan {
+    bool    real      = false; // planned for a real ubatch (graph reservation builds from a placeholder)
+    bool    use_store = false; // every window cell's ordinary key is in the store once this ubatch's keys are
+    int32_t s0        = 0;     // the cache stream of the graph's first stream
+    std::vector<int32_t> idx, wpos; // [n_stream][n_win]: the window's cells, ascending, then padding (cell 0,
+                                    // position INT32_MAX)
+    std::vector<int32_t> rows;      // [n_stream][n_win]: the slot of each window cell (use_store; padding: 0)
+    std::vector<int64_t> slot;      // [n_stream][n_tps]: the slot each new key is written to (S: none)
+    std::vector<int64_t> repair;    // [n_stream][n_win]: the slot a rotated-back window key is written to (S: none)
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> updates; // [n_stream]: (slot, cell) once the graph runs
+    std::vector<std::array<int32_t, 3>> repairs;                   // (stream, slot, cell) of the repair writes
+};
+
+static constexpr int64_t DPE_STORE_MAX_TOKENS = 32;
+
+void llama_dpe_store_discard_pending(llama_dpe_store * store) {
+    if (store != nullptr) {
+        store->pending.clear();
+    }
+}
+
+void llama_dpe_store_invalidate(llama_dpe_store * store, int s) {
+    if (store == nullptr) {
+        return;
+    }
+    store->pending.clear();
+    for (size_t i = 0; i < store->cell.size(); ++i) {
+        if (s < 0 || (size_t) s == i) {
+            std::fill(store->cell[i].begin(), store->cell[i].end(), -1);
+        }
+    }
+}
+
+// The cache's store, created with its first DPE graph: one window of keys plus a decode ubatch per layer and
+// stream, in the buffer type of the layer's K cache. F32: it holds the keys exactly as rotating back computes them.
+static llama_dpe_store * dpe_store_get(const llama_kv_cache * kv, const llama_cparams & cparams,
+                                       const llama_hparams & hp, uint32_t window) {
+    if (kv->dpe_store) {
+        return kv->dpe_store.get();
+    }
+    auto st = std::make_shared<llama_dpe_store>();
+    const int64_t n_stream = kv->get_n_stream();
+    st->S = (int64_t) window + std::min<int64_t>(DPE_STORE_MAX_TOKENS, cparams.n_ubatch);
+    st->layer.assign(hp.n_layer_all, nullptr);
+    st->written.assign(hp.n_layer_all, nullptr);
+    st->cell.assign(n_stream, std::vector<int32_t>(st->S, -1));
+
+    const std::vector<uint32_t> ids = kv->get_layer_ids();
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_of;
+    for (uint32_t il : ids) {
+        const ggml_tensor * k = kv->get_k_storage(il);
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(k->buffer);
+        auto it = ctx_of.find(buft);
+        if (it == ctx_of.end()) {
+            ggml_init_params params = { ids.size()*ggml_tensor_overhead(), nullptr, true };
+            st->ctxs.emplace_back(ggml_init(params));
+            it = ctx_of.emplace(buft, st->ctxs.back().get()).first;
+        }
+        ggml_tensor * t = ggml_new_tensor_4d(it->second, GGML_TYPE_F32, hp.n_embd_head_k(il), st->S + 1,
+                                             hp.n_head_kv(il), n_stream);
+        ggml_format_name(t, "dpe_store_l%u", il);
+        st->layer[il] = t;
+    }
+    size_t bytes = 0;
+    for (auto & [buft, ctx] : ctx_of) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (buf == nullptr) {
+            throw std::runtime_error("DPE: failed to allocate the window's key store");
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        bytes += ggml_backend_buffer_get_size(buf);
+        st->bufs.emplace_back(buf);
+    }
+    LLAMA_LOG_INFO("%s: DPE window key store: %7.2f MiB (F32, %lld slots = window %u + %lld decode tokens, %zu layers, "
+                   "%lld streams)\n", __func__, bytes/(1024.0*1024.0), (long long) st->S, window,
+                   (long long) (st->S - window), ids.size(), (long long) n_stream);
+    kv->dpe_store = st;
+    return st.get();
+}
+
+// The plan of a ubatch (see llama_dpe_plan): the window set of each stream, the cells of the new keys and their
+// slots, and whether the store then holds every window cell's key. Returns null when the window does not fit
+// n_win (a graph built for another shape; a graph built for this one always fits).
+static std::shared_ptr<llama_dpe_plan> dpe_plan(const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
+                                                int64_t n_win, int64_t n_stream, int32_t w, llama_dpe_store * st) {
+    auto plan = std::make_shared<llama_dpe_plan>();
+    if (ubatch.n_tokens == 0 || !mctx->has_ubatch()) {
+        return plan; // graph reservation: a placeholder ubatch, no cells
+    }
+    const int64_t n_tokens = ubatch.n_tokens;
+    const int64_t n_tps    = n_tokens/n_stream;
+    GGML_ASSERT(n_tps*n_stream == n_tokens);
+    const llama_kv_cache * kv = mctx->get_kv();
+    const int64_t n_kv = mctx->get_n_kv();
+    plan->real = true;
+    plan->s0   = (int32_t) kv->get_stream(ubatch.seq_id[0][0]);
+
+    // the window cells of each stream; unused slots point at cell 0 with a position no query is near to
+    plan->idx.assign(n_win*n_stream, 0);
+    plan->wpos.assign(n_win*n_stream, INT32_MAX);
+    for (int64_t s = 0; s < n_stream; ++s) {
+        GGML_ASSERT(kv->get_stream(ubatch.seq_id[s*n_tps][0]) == (uint32_t) (plan->s0 + s));
+        struct seq_range { llama_seq_id id; llama_pos lo, hi; };
+        std::vector<seq_range> seqs;
+        for (int64_t t = s*n_tps; t < (s + 1)*n_tps; ++t) {
+            for (int32_t k = 0; k < ubatch.n_seq_id[t]; ++k) {
+                const llama_seq_id id = ubatch.seq_id[t][k];
+                auto it = std::find_if(seqs.begin(), seqs.end(), [id](const seq_range & r) { return r.id == id; });
+                if (it == seqs.end()) {
+                    seqs.push_back({id, ubatch.pos[t], ubatch.pos[t]});
+                } else {
+                    it->lo = std::min(it->lo, ubatch.pos[t]);
+                    it->hi = std::max(it->hi, ubatch.pos[t]);
+                }
+            }
+        }
+        const auto & cells = kv->get_cells(ubatch.seq_id[s*n_tps][0]);
+        int64_t n = 0;
+        for (int64_t j = 0; j < n_kv && j < (int64_t) cells.size(); ++j) {
+            if (cells.is_empty(j)) {
+                continue;
+            }
+            const llama_pos p = cells.pos_get(j);
+            bool in_window = false;
+            for (const auto & r : seqs) {
+                in_window = in_window || (p > r.lo - w && p <= r.hi && cells.seq_has(j, r.id));
+            }
+            if (!in_window) {
+                continue;
+            }
+            if (n == n_win) {
+                return nullptr;
+            }
+            plan->idx [s*n_win + n] = (int32_t) j;
+            plan->wpos[s*n_win + n] = p;
+            ++n;
+        }
+    }
+    if (st == nullptr) {
+        return plan;
+    }
+    // the last graph ran to its end: its repair writes are in the store
+    for (const auto & [s, sl, c] : st->pending) {
+        st->cell[s][sl] = c;
+    }
+    st->pending.clear();
+
+    // the cells the ubatch's keys go to (the cache's own index input, computed into host memory)
+    std::vector<int64_t> dst_mem(n_tokens + 8);
+    int64_t * dst = (int64_t *) GGML_PAD((uintptr_t) dst_mem.data(), 64);
+    {
+        ggml_tensor t = {};
+        t.type  = GGML_TYPE_I64;
+        t.ne[0] = n_tokens; t.ne[1] = t.ne[2] = t.ne[3] = 1;
+        t.nb[0] = sizeof(int64_t); t.nb[1] = t.nb[2] = t.nb[3] = n_tokens*sizeof(int64_t);
+        t.data   = dst;
+        t.buffer = ggml_backend_cpu_buffer_from_ptr(dst, n_tokens*sizeof(int64_t));
+        mctx->set_input_k_idxs(&t, &ubatch);
+        ggml_backend_buffer_free(t.buffer);
+    }
+    const int64_t S       = st->S;
+    const int64_t kv_size = kv->get_size();
+    plan->updates.resize(n_stream);
+    if (n_tps > DPE_STORE_MAX_TOKENS) {
+        // a prefill graph has no store nodes: the store no longer holds the keys of the cells it rewrites
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            const int64_t s  = dst[t]/kv_size - plan->s0;
+            const int32_t c  = (int32_t) (dst[t] % kv_size);
+            if (st->cell[plan->s0 + s][c % S] == c) {
+                plan->updates[s].emplace_back((int32_t) (c % S), -1);
+            }
+        }
+        return plan;
+    }
+    plan->slot.assign(n_tokens, S);
+    plan->rows.assign(n_win*n_stream, 0);
+    plan->repair.assign(n_win*n_stream, S);
+    bool covered = true;
+    std::vector<int32_t> owner(S);
+    for (int64_t s = 0; s < n_stream; ++s) {
+        const std::vector<int32_t> & held = st->cell[plan->s0 + s];
+        std::fill(owner.begin(), owner.end(), -1); // the new cell a slot is written with, -2: more than one
+        for (int64_t t = s*n_tps; t < (s + 1)*n_tps; ++t) {
+            GGML_ASSERT(dst[t]/kv_size == plan->s0 + s);
+            const int32_t c  = (int32_t) (dst[t] % kv_size);
+            const int64_t sl = c % S;
+            owner[sl] = owner[sl] == -1 ? c : -2;
+        }
+        for (int64_t t = s*n_tps; t < (s + 1)*n_tps; ++t) {
+            const int32_t c  = (int32_t) (dst[t] % kv_size);
+            const int64_t sl = c % S;
+            if (owner[sl] == c) {
+                plan->slot[t] = sl;
+                plan->updates[s].emplace_back((int32_t) sl, c);
+            } else if (owner[sl] == -2) {
+                plan->updates[s].emplace_back((int32_t) sl, -1); // its content is whichever write landed last
+            }
+        }
+        for (int64_t n = 0; n < n_win; ++n) {
+            if (plan->wpos[s*n_win + n] == INT32_MAX) {
+                break; // padding follows the real slots
+            }
+            const int32_t j  = plan->idx[s*n_win + n];
+            const int64_t sl = j % S;
+            covered = covered && (owner[sl] == j || (owner[sl] == -1 && held[sl] == j));
+            plan->rows[s*n_win + n] = (int32_t) sl;
+            if (owner[sl] == -1 && held[sl] != j) {
+                // a rotation-back ubatch keeps the key (the first window cell of a slot claims it)
+                owner[sl] = j;
+                plan->repair[s*n_win + n] = sl;
+                plan->repairs.push_back({(int32_t) (plan->s0 + s), (int32_t) sl, j});
+            }
+        }
+    }
+    // DPE_WINDOW_STORE=0: always rotate the window's keys back (the store is still written), to compare the two
+    static const bool store_off = getenv("DPE_WINDOW_STORE") != nullptr && atoi(getenv("DPE_WINDOW_STORE")) == 0;
+    plan->use_store = covered && !store_off;
+    return plan;
+}
+
 void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch,
                             const llama_cparams & cparams, const llama_dpe_hparams & dpe, llm_graph_input_attn_kv * inp) {
     if (!dpe.active() || cparams.training || inp->self_kq_mask == nullptr) {
@@ -178,6 +426,7 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
     const int64_t n_tokens = ubatch.n_tokens;
     const int64_t n_stream = inp->self_kq_mask->ne[3];
     const int64_t n_tps    = n_tokens/n_stream;
+    const auto &  hp       = dpe.model->hparams;
 
     // The window set of a stream: cells within w of some query of one of its sequences. A ubatch holds
     // consecutive positions of each sequence, so a sequence adds at most w - 1 cells before its first token
@@ -204,7 +453,41 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
         ggml_set_name(inp->dpe_kq_mask, "dpe_kq_mask");
     }
 
+    // the store, for F16 and F32 caches (a quantized cache's keys are rotated back through a Hadamard rotation
+    // and a dequantisation, which a store write would have to repeat bit for bit)
+    const bool store_ok  = mctx->type_k() == GGML_TYPE_F16 || mctx->type_k() == GGML_TYPE_F32;
+    llama_dpe_store * st = store_ok ? dpe_store_get(mctx->get_kv(), cparams, hp, dpe.window) : nullptr;
+    if (st != nullptr && n_tps <= DPE_STORE_MAX_TOKENS) {
+        inp->dpe_store_slot = ggml_new_tensor_3d(ctx, GGML_TYPE_I64, n_tps, 1, n_stream);
+        ggml_set_input(inp->dpe_store_slot);
+        ggml_set_name(inp->dpe_store_slot, "dpe_store_slot");
+
+        inp->dpe_store_rows = ggml_new_tensor_3d(ctx, GGML_TYPE_I32, n_win, hp.n_head_kv(), n_stream);
+        ggml_set_input(inp->dpe_store_rows);
+        ggml_set_name(inp->dpe_store_rows, "dpe_store_rows");
+    }
+
     inp->dpe_window = dpe.window;
+    inp->dpe_plan   = dpe_plan(mctx, ubatch, n_win, n_stream, (int32_t) dpe.window, st);
+    if (inp->dpe_plan == nullptr) {
+        GGML_ABORT("DPE: the ubatch's tokens of a sequence are not at consecutive positions; "
+                   "DPE's window set needs them to be (or run with --dpe off)");
+    }
+    inp->dpe_use_store = inp->dpe_plan->use_store;
+}
+
+bool llama_dpe_can_reuse(llm_graph_input_attn_kv * inp, const llama_ubatch & ubatch) {
+    if (inp->dpe_win_idx == nullptr) {
+        return true;
+    }
+    const llama_kv_cache * kv = inp->mctx->get_kv();
+    auto plan = dpe_plan(inp->mctx, ubatch, inp->dpe_win_idx->ne[0], inp->dpe_win_idx->ne[1],
+                         (int32_t) inp->dpe_window, kv->dpe_store.get());
+    if (plan == nullptr || plan->use_store != inp->dpe_use_store) {
+        return false;
+    }
+    inp->dpe_plan = plan;
+    return true;
 }
 
 // The flash-attention mask over [window copies | cache cells]: a window copy keeps the stock mask where the
@@ -245,47 +528,44 @@ void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatc
 
     std::vector<int32_t> pos_q(ubatch->pos, ubatch->pos + n_tokens);
 
-    // the window cells of each stream; unused slots point at cell 0 with a position no query is near to
-    const llama_kv_cache * kv = inp->mctx->get_kv();
+    // the plan made for this ubatch when its graph was built or reused
+    const llama_dpe_plan * plan = inp->dpe_plan.get();
+    GGML_ASSERT(plan != nullptr && plan->real && plan->use_store == inp->dpe_use_store);
+    GGML_ASSERT((int64_t) plan->idx.size() == n_win*n_stream);
+    const std::vector<int32_t> & idx  = plan->idx;
+    const std::vector<int32_t> & wpos = plan->wpos;
     const int64_t n_kv = inp->mctx->get_n_kv();
-    std::vector<int32_t> idx(n_win*n_stream, 0);
-    std::vector<int32_t> wpos(n_win*n_stream, INT32_MAX);
-    for (int64_t s = 0; s < n_stream; ++s) {
-        struct seq_range { llama_seq_id id; llama_pos lo, hi; };
-        std::vector<seq_range> seqs;
-        for (int64_t t = s*n_tps; t < (s + 1)*n_tps; ++t) {
-            for (int32_t k = 0; k < ubatch->n_seq_id[t]; ++k) {
-                const llama_seq_id id = ubatch->seq_id[t][k];
-                auto it = std::find_if(seqs.begin(), seqs.end(), [id](const seq_range & r) { return r.id == id; });
-                if (it == seqs.end()) {
-                    seqs.push_back({id, ubatch->pos[t], ubatch->pos[t]});
-                } else {
-                    it->lo = std::min(it->lo, ubatch->pos[t]);
-                    it->hi = std::max(it->hi, ubatch->pos[t]);
-                }
+
+    // the store: where the new keys go, where the window's keys are, and what the slots hold once this runs
+    llama_dpe_store * st = inp->mctx->get_kv()->dpe_store.get();
+    GGML_ASSERT(inp->dpe_store_slot == nullptr || (st != nullptr && !plan->slot.empty()));
+    if (st != nullptr) {
+        for (int64_t s = 0; s < (int64_t) plan->updates.size(); ++s) {
+            for (const auto & [sl, c] : plan->updates[s]) {
+                st->cell[plan->s0 + s][sl] = c;
             }
         }
-        const auto & cells = kv->get_cells(ubatch->seq_id[s*n_tps][0]);
-        int64_t n = 0;
-        for (int64_t j = 0; j < n_kv && j < (int64_t) cells.size(); ++j) {
-            if (cells.is_empty(j)) {
-                continue;
+    }
+    if (inp->dpe_store_slot != nullptr) {
+        if (inp->dpe_store_slot->buffer != nullptr) {
+            ggml_backend_tensor_set(inp->dpe_store_slot, plan->slot.data(), 0, ggml_nbytes(inp->dpe_store_slot));
+        }
+        if (inp->dpe_store_rows != nullptr && inp->dpe_store_rows->buffer != nullptr) {
+            // the slots the window's keys are read from, or (rotating back) the slots they are kept in
+            const int64_t n_h = inp->dpe_store_rows->ne[1];
+            std::vector<int32_t> rows(n_win*n_h*n_stream);
+            for (int64_t s = 0; s < n_stream; ++s) {
+                for (int64_t h = 0; h < n_h; ++h) {
+                    for (int64_t n = 0; n < n_win; ++n) {
+                        rows[(s*n_h + h)*n_win + n] = plan->use_store ? plan->rows[s*n_win + n]
+                                                                      : (int32_t) plan->repair[s*n_win + n];
+                    }
+                }
             }
-            const llama_pos p = cells.pos_get(j);
-            bool in_window = false;
-            for (const auto & r : seqs) {
-                in_window = in_window || (p > r.lo - w && p <= r.hi && cells.seq_has(j, r.id));
+            ggml_backend_tensor_set(inp->dpe_store_rows, rows.data(), 0, ggml_nbytes(inp->dpe_store_rows));
+            if (!plan->use_store) {
+                st->pending = plan->repairs;
             }
-            if (!in_window) {
-                continue;
-            }
-            if (n == n_win) {
-                GGML_ABORT("DPE: the ubatch's tokens of a sequence are not at consecutive positions; "
-                           "DPE's window set needs them to be (or run with --dpe off)");
-            }
-            idx [s*n_win + n] = (int32_t) j;
-            wpos[s*n_win + n] = p;
-            ++n;
         }
     }
 
@@ -420,6 +700,7 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
         q_far = dpe_rope(g, il, q_cur, inp->dpe_pos_q, GGML_ROPE_DPE_QUERY);
     }
     ggml_format_name(q_far, "dpe_q_far-%d", il);
+
     if (dpe_is_model_rope(g, il, k_cur, n_tokens)) {
         k_cur = dpe_rope(g, il, k_cur->src[0], k_cur->src[1], GGML_ROPE_DPE_KEY_FULL, nullptr,
                          dpe_rope_attn_factor(k_cur));
@@ -427,6 +708,34 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
         k_cur = dpe_rope(g, il, k_cur, inp->dpe_pos_q, GGML_ROPE_DPE_KEY);
     }
     ggml_format_name(k_cur, "dpe_k_far-%d", il);
+
+    // decode: the new keys' ordinary rotation to the store, computed as rotating back from the cache computes it
+    // (from the far key as the cache holds it), so that reading the store and rotating back give the same bits
+    llama_dpe_store * st = inp->mctx->get_kv()->dpe_store.get();
+    if (st != nullptr) {
+        st->written.at(il) = nullptr; // (a node of an earlier graph)
+    }
+    if (st != nullptr && inp->dpe_store_slot != nullptr) {
+        GGML_ASSERT(!inp->self_k_rot && "the store is for F16 and F32 caches");
+        ggml_tensor * kf = k_cur;
+        if (inp->mctx->type_k() == GGML_TYPE_F16) {
+            kf = ggml_cast(g.ctx0, ggml_cast(g.ctx0, kf, GGML_TYPE_F16), GGML_TYPE_F32);
+        }
+        ggml_tensor * ko = dpe_rope(g, il, kf, inp->dpe_pos_q, GGML_ROPE_DPE_KEY_INVERSE);
+        ggml_tensor * store = st->layer.at(il);
+        const int64_t ns    = inp->dpe_store_slot->ne[2];
+        const int64_t n_tps = n_tokens/ns;
+        ggml_tensor * dst = ggml_view_4d(g.ctx0, store, store->ne[0], store->ne[1], store->ne[2], ns, store->nb[1],
+                                         store->nb[2], store->nb[3], (size_t) inp->dpe_plan->s0*store->nb[3]);
+        // [d, n_head_kv, n_tokens] -> [d, n_tps, n_head_kv, n_stream]
+        ggml_tensor * src = ggml_view_4d(g.ctx0, ko, ko->ne[0], ko->ne[1], n_tps, ns, ko->nb[1], ko->nb[2],
+                                         ko->nb[2]*n_tps, 0);
+        src = ggml_permute(g.ctx0, src, 0, 2, 1, 3);
+        ggml_tensor * w = ggml_set_rows(g.ctx0, dst, src, inp->dpe_store_slot);
+        ggml_format_name(w, "dpe_store_write-%d", il);
+        ggml_build_forward_expand(g.gf, w);
+        st->written[il] = w;
+    }
     return q_far;
 }
 
@@ -436,7 +745,6 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     GGML_ASSERT(kq_b == nullptr && "DPE does not support a KQ bias");
     ggml_context * ctx = g.ctx0;
     const auto & hparams = g.hparams;
-
     const int64_t d        = k->ne[0]; // head dim of K
     const int64_t n_h_kv   = k->ne[1];
     const int64_t n_kv     = k->ne[2];
@@ -444,12 +752,22 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     const int64_t n_win    = inp->dpe_win_idx->ne[0];
     const bool    v_trans  = v->nb[1] > v->nb[2];
 
-    // the window's ordinary keys: its cells' far keys from the cache, rotated back (one node that reads the cells
-    // where it can; through get_rows for other cache types and when the cache holds Hadamard-rotated keys)
-    ggml_tensor * k_win;
+    // the window's ordinary keys, [d, n_win, n_head_kv, n_stream] (k_win_h) or [d, n_head_kv, n_win, n_stream]
+    // (k_win): read from the store where it holds them all; otherwise its cells' far keys from the cache, rotated
+    // back (one node that reads the cells where it can; through get_rows for other cache types and when the
+    // cache holds Hadamard-rotated keys)
+    ggml_tensor * k_win   = nullptr;
+    ggml_tensor * k_win_h = nullptr;
+    ggml_tensor * k_ord   = nullptr; // rotated back, before a Hadamard rotation: what the store keeps
     ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
-    if (!inp->self_k_rot && (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32)) {
+    llama_dpe_store * st  = inp->mctx->get_kv()->dpe_store.get();
+    if (inp->dpe_use_store) {
+        GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
+        k_win_h = ggml_get_rows(ctx, st->written[il], inp->dpe_store_rows); // F32, contiguous
+        ggml_format_name(k_win_h, "dpe_k_win-%d", il);
+    } else if (!inp->self_k_rot && (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32)) {
         k_win = dpe_rope(g, il, k, win_pos, GGML_ROPE_DPE_KEY_INVERSE, inp->dpe_win_idx);
+        k_ord = k_win;
     } else {
         k_win = ggml_get_rows(ctx, ggml_view_3d(ctx, k, d*n_h_kv, n_kv, n_stream, k->nb[2], k->nb[3], 0),
                               inp->dpe_win_idx); // F32 [d*n_h_kv, n_win, n_stream]
@@ -458,12 +776,23 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         }
         k_win = dpe_rope(g, il, ggml_reshape_3d(ctx, k_win, d, n_h_kv, n_win*n_stream), win_pos,
                          GGML_ROPE_DPE_KEY_INVERSE);
+        k_ord = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
         if (inp->self_k_rot) {
             k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
         }
         k_win = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
     }
-    ggml_format_name(k_win, "dpe_k_win-%d", il);
+    if (k_ord != nullptr && inp->dpe_store_rows != nullptr && st != nullptr && st->written.at(il) != nullptr) {
+        // the rotated-back keys to their slots (dpe_store_rows holds the slots here), for the next ubatches
+        ggml_tensor * keep = ggml_set_rows(ctx, st->written[il], ggml_permute(ctx, k_ord, 0, 2, 1, 3),
+                                           inp->dpe_store_rows);
+        ggml_format_name(keep, "dpe_store_keep-%d", il);
+        ggml_build_forward_expand(g.gf, keep);
+    }
+    if (k_win != nullptr) {
+        ggml_format_name(k_win, "dpe_k_win-%d", il);
+        k_win_h = ggml_permute(ctx, k_win, 0, 2, 1, 3);
+    }
 
     // [d, n_head, n_tokens] -> [d, n_tokens/n_stream, n_head, n_stream], as build_attn_mha splits streams
     auto by_stream = [&](ggml_tensor * x) {
@@ -480,8 +809,7 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         // contiguous rows). Not F16: on AVX-512 CPUs without AMX (seen on an AMD EPYC) the F16 GEMM that a
         // contiguous F16 operand selects rounds differently for different ubatch sizes, and the logits then
         // depend on n_ubatch, which stock's do not
-        ggml_tensor * k_win_t = ggml_permute(ctx, k_win, 0, 2, 1, 3);
-        k_win_t = ggml_cast(ctx, k_win_t, GGML_TYPE_F32);
+        ggml_tensor * k_win_t = ggml_is_contiguous(k_win_h) ? k_win_h : ggml_cast(ctx, k_win_h, GGML_TYPE_F32);
         ggml_tensor * kq_near = ggml_mul_mat(ctx, k_win_t, by_stream(q));
         ggml_prec_set_acc(kq_near, GGML_PREC_F32);
         if (hparams.attn_soft_cap) {
@@ -518,7 +846,7 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         GGML_ASSERT(!v_trans && "flash attention keeps V untransposed");
         ggml_tensor * fa = ggml_dpe_flash_attn(ctx, by_stream(q), by_stream(q_far), ggml_permute(ctx, k, 0, 2, 1, 3),
                                                ggml_permute(ctx, v, 0, 2, 1, 3), kq_mask,
-                                               ggml_permute(ctx, k_win, 0, 2, 1, 3), inp->dpe_win_idx,
+                                               k_win_h, inp->dpe_win_idx,
                                                inp->dpe_win_pos, inp->dpe_pos_q, sinks, kq_scale,
                                                hparams.f_max_alibi_bias,
                                                hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
@@ -528,6 +856,9 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
             cur = ggml_reshape_2d(ctx, fa, fa->ne[0]*fa->ne[1], fa->ne[2]*fa->ne[3]);
             return cur;
         }
+    }
+    if (k_win == nullptr) {
+        k_win = ggml_cont(ctx, ggml_permute(ctx, k_win_h, 0, 2, 1, 3));
     }
     ggml_tensor * qq = ggml_concat(ctx, q, q_far, 0);
     ggml_tensor * kk = ggml_concat(ctx, dpe_pad_rows(ctx, k_win, 0, (int) d),

@@ -12,6 +12,7 @@ struct llama_model_base;
 struct llama_model_loader;
 struct llama_ubatch;
 struct llama_cparams;
+struct llama_dpe_store;
 struct llm_graph_context;
 class llama_kv_cache_context;
 class llm_graph_input_attn_kv;
@@ -29,6 +30,18 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
 
 // llm_graph_input_attn_kv::set_input, after the stock mask is filled.
 void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatch * ubatch);
+
+// llm_graph_input_attn_kv::can_reuse: whether the graph built for an earlier ubatch reads the window's keys the
+// way this ubatch needs (from the store, or rotated back from the cache); also plans the ubatch's window.
+bool llama_dpe_can_reuse(llm_graph_input_attn_kv * inp, const llama_ubatch & ubatch);
+
+// llama_kv_cache: cells of stream s (-1: every stream) were written outside the graph (a state load, a stream
+// copy), so the store no longer holds their ordinary keys. store may be null (no DPE graph was built yet).
+void llama_dpe_store_invalidate(llama_dpe_store * store, int s);
+
+// llama_kv_cache::seq_rm, when it frees cells: forget the window keys the last graph rotated back into the store
+// (llama_decode frees a failed or aborted ubatch's cells this way, and such a graph may not have written them all).
+void llama_dpe_store_discard_pending(llama_dpe_store * store);
 
 // llm_graph_context::build_attn (KV cache), first: when DPE is on, rotate k_cur to far keys (what the cache
 // stores) and return the far queries; nullptr (q_cur, k_cur unchanged) when DPE is off for this graph. Where

@@ -201,6 +201,80 @@ def test_two_sequences_in_one_batch(tiny, kv_unified):
         assert report.argmax_agreement == 1.0, (seq, report)
 
 
+def _decode_with(path, steps, *, n_ctx=256):
+    """A Llama on the tiny model with an F32 cache, prompt ubatches of 16 (the store's decode-sized graphs)."""
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=16, logits_all=True, n_threads=2,
+                           n_threads_batch=2, n_gpu_layers=NGL, verbose=False, type_k=F32, type_v=F32)
+
+
+def test_window_store_follows_the_cache(tiny):
+    """Decode reads the window's ordinary keys from the store (docs/design.md section 8) and still computes the
+    uninterrupted run's logits when cells are rewritten at the same positions after a removal (llama-server's
+    pattern: llama-cpp-python's eval() removes every cell from n_tokens on), and when a state is loaded, into a new
+    context or into the one that saved it after other tokens took its cells (the store is forgotten; the first
+    decode step rotates the window back and refills it).
+    Every run gives the same bits: the store holds each key as rotating back computes it, and rotating back
+    throughout (DPE_WINDOW_STORE=0, in a child process) gives them too. Without the store forgotten on a state
+    load, the last check fails (the store would hold the other tokens' keys of those cells)."""
+    plain, dpe, tokens, table = tiny
+    base = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F32)
+    dec = slice(N_PROMPT, len(tokens))
+
+    llm = _decode_with(dpe, tokens)
+    try:
+        llm.eval(list(tokens[:N_PROMPT]))
+        for t in np.random.default_rng(3).integers(0, 256, 16):
+            llm.eval([int(t)])
+        llm.n_tokens = N_PROMPT            # the next eval() removes those 16 cells and rewrites them
+        for t in tokens[N_PROMPT:]:
+            llm.eval([int(t)])
+        rewritten = np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    assert np.array_equal(rewritten[dec], base[dec])
+
+    half = N_PROMPT + N_DECODE // 2
+    llm = _decode_with(dpe, tokens)
+    try:
+        llm.eval(list(tokens[:N_PROMPT]))
+        for t in tokens[N_PROMPT:half]:
+            llm.eval([int(t)])
+        state = llm.save_state()
+        llm.n_tokens = half - 8                  # other tokens in the last 8 cells: the store now holds their keys
+        for t in np.random.default_rng(5).integers(0, 256, 8):
+            llm.eval([int(t)])
+        llm.load_state(state)
+        for t in tokens[half:]:
+            llm.eval([int(t)])
+        loaded_here = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    llm = _decode_with(dpe, tokens)
+    try:
+        llm.load_state(state)
+        for t in tokens[half:]:
+            llm.eval([int(t)])
+        loaded = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+    assert np.array_equal(loaded, base[half:])
+    assert np.array_equal(loaded_here, base[half:])
+
+    code = textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from test_engine import engine_logits
+        np.save({str(dpe.parent / "rotated.npy")!r},
+                engine_logits({str(dpe)!r}, np.load({str(dpe.parent / "tokens.npy")!r}), n_prompt={N_PROMPT},
+                              type_kv={F32}))
+    """)
+    np.save(dpe.parent / "tokens.npy", tokens)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DPE_WINDOW_STORE": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert np.array_equal(np.load(dpe.parent / "rotated.npy"), base)
+
+
 def test_position_shifts_are_refused(tiny):
     """DPE positions (floor(j/s)) are not shift-invariant: cells moved by seq_add would keep layer
     activations computed at their old positions. The cache says it cannot shift (llama-cli and
