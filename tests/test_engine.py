@@ -201,10 +201,16 @@ def test_two_sequences_in_one_batch(tiny, kv_unified):
         assert report.argmax_agreement == 1.0, (seq, report)
 
 
-def _decode_with(path, steps, *, n_ctx=256):
+def _decode_with(path):
     """A Llama on the tiny model with an F32 cache, prompt ubatches of 16 (the store's decode-sized graphs)."""
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=16, logits_all=True, n_threads=2,
+    return llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_ubatch=16, logits_all=True, n_threads=2,
                            n_threads_batch=2, n_gpu_layers=NGL, verbose=False, type_k=F32, type_v=F32)
+
+
+def _steps(llm, tokens):
+    """One decode step per token."""
+    for t in tokens:
+        llm.eval([int(t)])
 
 
 def test_window_store_follows_the_cache(tiny):
@@ -220,40 +226,34 @@ def test_window_store_follows_the_cache(tiny):
     base = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F32)
     dec = slice(N_PROMPT, len(tokens))
 
-    llm = _decode_with(dpe, tokens)
+    llm = _decode_with(dpe)
     try:
         llm.eval(list(tokens[:N_PROMPT]))
-        for t in np.random.default_rng(3).integers(0, 256, 16):
-            llm.eval([int(t)])
+        _steps(llm, np.random.default_rng(3).integers(0, 256, 16))
         llm.n_tokens = N_PROMPT            # the next eval() removes those 16 cells and rewrites them
-        for t in tokens[N_PROMPT:]:
-            llm.eval([int(t)])
+        _steps(llm, tokens[N_PROMPT:])
         rewritten = np.array(llm.scores[:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
     assert np.array_equal(rewritten[dec], base[dec])
 
     half = N_PROMPT + N_DECODE // 2
-    llm = _decode_with(dpe, tokens)
+    llm = _decode_with(dpe)
     try:
         llm.eval(list(tokens[:N_PROMPT]))
-        for t in tokens[N_PROMPT:half]:
-            llm.eval([int(t)])
+        _steps(llm, tokens[N_PROMPT:half])
         state = llm.save_state()
         llm.n_tokens = half - 8                  # other tokens in the last 8 cells: the store now holds their keys
-        for t in np.random.default_rng(5).integers(0, 256, 8):
-            llm.eval([int(t)])
+        _steps(llm, np.random.default_rng(5).integers(0, 256, 8))
         llm.load_state(state)
-        for t in tokens[half:]:
-            llm.eval([int(t)])
+        _steps(llm, tokens[half:])
         loaded_here = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
-    llm = _decode_with(dpe, tokens)
+    llm = _decode_with(dpe)
     try:
         llm.load_state(state)
-        for t in tokens[half:]:
-            llm.eval([int(t)])
+        _steps(llm, tokens[half:])
         loaded = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
