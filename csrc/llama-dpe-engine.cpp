@@ -392,7 +392,7 @@ static std::shared_ptr<llama_dpe_plan> dpe_plan(const llama_kv_cache_context * m
                 plan->slot[t] = sl;
                 plan->updates[s].emplace_back((int32_t) sl, c);
             } else if (owner[sl] == -2) {
-                plan->updates[s].emplace_back((int32_t) sl, -1); // its content is whichever write landed last
+                plan->updates[s].emplace_back((int32_t) sl, -1); // keys that share a slot go nowhere (slot S)
             }
         }
         for (int64_t n = 0; n < n_win; ++n) {
