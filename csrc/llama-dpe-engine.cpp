@@ -758,7 +758,7 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     // cache holds Hadamard-rotated keys)
     ggml_tensor * k_win   = nullptr;
     ggml_tensor * k_win_h = nullptr;
-    ggml_tensor * k_ord   = nullptr; // rotated back, before a Hadamard rotation: what the store keeps
+    ggml_tensor * k_ord   = nullptr; // rotated back from an F16/F32 cache: what the store keeps
     ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
     llama_dpe_store * st  = inp->mctx->get_kv()->dpe_store.get();
     if (inp->dpe_use_store) {
@@ -776,7 +776,6 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         }
         k_win = dpe_rope(g, il, ggml_reshape_3d(ctx, k_win, d, n_h_kv, n_win*n_stream), win_pos,
                          GGML_ROPE_DPE_KEY_INVERSE);
-        k_ord = ggml_reshape_4d(ctx, k_win, d, n_h_kv, n_win, n_stream);
         if (inp->self_k_rot) {
             k_win = llama_mul_mat_hadamard(ctx, k_win, inp->self_k_rot);
         }

@@ -32,23 +32,34 @@ F32 = llama_cpp.GGML_TYPE_F32
 NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same checks on CUDA
 
 
-def engine_logits(path, tokens, *, n_prompt, flash_attn=False, type_kv=None, type_k=None, n_ubatch=16, n_ctx=256,
-                  kv_overrides=None, n_threads=2, n_gpu_layers=None) -> np.ndarray:
-    """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token.
-    type_kv sets the K and V cache types, type_k the K cache's alone; n_gpu_layers defaults to NGL."""
+def open_llama(path, *, flash_attn=False, type_kv=None, type_k=None, n_ubatch=16, n_ctx=256, kv_overrides=None,
+               n_threads=2, n_gpu_layers=None):
+    """A Llama with every position's logits kept. type_kv sets the K and V cache types, type_k the K cache's
+    alone; n_gpu_layers defaults to NGL."""
     kw = {}
     if type_kv is not None:
         kw.update(type_k=type_kv, type_v=type_kv)
     if type_k is not None:
         kw.update(type_k=type_k)
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
-                          flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads,
-                          n_gpu_layers=NGL if n_gpu_layers is None else n_gpu_layers, verbose=False,
-                          kv_overrides=kv_overrides, **kw)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=64, n_ubatch=n_ubatch, logits_all=True,
+                           flash_attn=flash_attn, n_threads=n_threads, n_threads_batch=n_threads,
+                           n_gpu_layers=NGL if n_gpu_layers is None else n_gpu_layers, verbose=False,
+                           kv_overrides=kv_overrides, **kw)
+
+
+def steps(llm, tokens):
+    """One decode step per token."""
+    for t in tokens:
+        llm.eval([int(t)])
+
+
+def engine_logits(path, tokens, *, n_prompt, **options) -> np.ndarray:
+    """Logits at every position: the prompt in ubatches of n_ubatch, then one decode step per token (options: those
+    of open_llama)."""
+    llm = open_llama(path, **options)
     try:
         llm.eval(list(tokens[:n_prompt]))
-        for t in tokens[n_prompt:]:
-            llm.eval([int(t)])
+        steps(llm, tokens[n_prompt:])
         return np.array(llm.scores[:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
@@ -201,18 +212,6 @@ def test_two_sequences_in_one_batch(tiny, kv_unified):
         assert report.argmax_agreement == 1.0, (seq, report)
 
 
-def _decode_with(path):
-    """A Llama on the tiny model with an F32 cache, prompt ubatches of 16 (the store's decode-sized graphs)."""
-    return llama_cpp.Llama(str(path), n_ctx=256, n_batch=64, n_ubatch=16, logits_all=True, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=NGL, verbose=False, type_k=F32, type_v=F32)
-
-
-def _steps(llm, tokens):
-    """One decode step per token."""
-    for t in tokens:
-        llm.eval([int(t)])
-
-
 def test_window_store_follows_the_cache(tiny):
     """Decode reads the window's ordinary keys from the store (docs/design.md section 8) and still computes the
     uninterrupted run's logits when cells are rewritten at the same positions after a removal (llama-server's
@@ -226,34 +225,34 @@ def test_window_store_follows_the_cache(tiny):
     base = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F32)
     dec = slice(N_PROMPT, len(tokens))
 
-    llm = _decode_with(dpe)
+    llm = open_llama(dpe, type_kv=F32)
     try:
         llm.eval(list(tokens[:N_PROMPT]))
-        _steps(llm, np.random.default_rng(3).integers(0, 256, 16))
+        steps(llm, np.random.default_rng(3).integers(0, 256, 16))
         llm.n_tokens = N_PROMPT            # the next eval() removes those 16 cells and rewrites them
-        _steps(llm, tokens[N_PROMPT:])
+        steps(llm, tokens[N_PROMPT:])
         rewritten = np.array(llm.scores[:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
     assert np.array_equal(rewritten[dec], base[dec])
 
     half = N_PROMPT + N_DECODE // 2
-    llm = _decode_with(dpe)
+    llm = open_llama(dpe, type_kv=F32)
     try:
         llm.eval(list(tokens[:N_PROMPT]))
-        _steps(llm, tokens[N_PROMPT:half])
+        steps(llm, tokens[N_PROMPT:half])
         state = llm.save_state()
         llm.n_tokens = half - 8                  # other tokens in the last 8 cells: the store now holds their keys
-        _steps(llm, np.random.default_rng(5).integers(0, 256, 8))
+        steps(llm, np.random.default_rng(5).integers(0, 256, 8))
         llm.load_state(state)
-        _steps(llm, tokens[half:])
+        steps(llm, tokens[half:])
         loaded_here = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
-    llm = _decode_with(dpe)
+    llm = open_llama(dpe, type_kv=F32)
     try:
         llm.load_state(state)
-        _steps(llm, tokens[half:])
+        steps(llm, tokens[half:])
         loaded = np.array(llm.scores[half:len(tokens)], dtype=np.float64)
     finally:
         llm.close()
