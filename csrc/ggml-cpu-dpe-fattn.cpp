@@ -42,7 +42,7 @@ struct dpe_fa {
     const int32_t * idx, * pos_win, * pos_q;
     int64_t DK, DV, n_tps, n_head, n_stream, n_kv, n_win, rk2, rv2;
     float   scale, softcap, max_bias, m0, m1;
-    int32_t window;
+    int32_t window, kw_slots; // kw_slots > 0: slot j's key is row idx[j] % kw_slots of k_win (a store)
     uint32_t n_head_log2;
     ggml_from_float_t q_to_vec_dot;
     ggml_vec_dot_t    kq_vec_dot;
@@ -64,7 +64,8 @@ struct dpe_fa {
         return (const char *) v->data + c*v->nb[1] + (h/rv2)*v->nb[2] + s*v->nb[3];
     }
     const float * kw_row(int64_t slot, int64_t h, int64_t s) const {
-        return (const float *) ((const char *) k_win->data + slot*k_win->nb[1] + (h/rk2)*k_win->nb[2] + s*k_win->nb[3]);
+        const int64_t r = kw_slots > 0 ? idx[s*n_win + slot] % kw_slots : slot;
+        return (const float *) ((const char *) k_win->data + r*k_win->nb[1] + (h/rk2)*k_win->nb[2] + s*k_win->nb[3]);
     }
     const ggml_fp16_t * mask_row(int64_t i1, int64_t h, int64_t s) const {
         return mask ? (const ggml_fp16_t *) ((const char *) mask->data + i1*mask->nb[1] + (h % mask->ne[2])*mask->nb[2] +
@@ -430,6 +431,7 @@ void ggml_compute_forward_dpe_flash_attn(const struct ggml_compute_params * para
     a.max_bias = op[GGML_DPE_FATTN_P_MAX_BIAS];
     a.softcap  = op[GGML_DPE_FATTN_P_SOFTCAP];
     a.window   = ((const int32_t *) dst->op_params)[GGML_DPE_FATTN_P_WINDOW];
+    a.kw_slots = ((const int32_t *) dst->op_params)[GGML_DPE_FATTN_P_KW_SLOTS];
     if (a.softcap != 0.0f) {
         a.scale /= a.softcap;
     }

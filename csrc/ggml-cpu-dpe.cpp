@@ -257,6 +257,86 @@ static void rope_dpe_compute_part(const struct ggml_compute_params * params, con
     }
 }
 
+// GGML_ROPE_DPE_KEY_WRITE (ggml_rope_dpe_key_write): each thread takes a range of tokens, rotates their keys
+// with rope_dpe_compute_part as a KEY_FULL node would, writes them to their cache rows as ggml_set_rows converts
+// them, and, with a store, rotates what the cache now holds back with rope_dpe_compute_part as a KEY_INVERSE node
+// with rows would, into the tokens' store slots. The same functions on the same values: the same bits.
+static void rope_dpe_key_write(const struct ggml_compute_params * params, struct ggml_tensor * dst,
+                               rope_dpe_part part) {
+    const ggml_tensor * a     = dst->src[0];
+    const ggml_tensor * cache = dst->src[5];
+    const int64_t     * idx   = (const int64_t *) dst->src[6]->data;
+    const ggml_tensor * store = dst->src[7];
+    const int64_t     * slot  = store ? (const int64_t *) dst->src[8]->data : nullptr;
+
+    const int64_t d = a->ne[0], nh = a->ne[1], nt = a->ne[2];
+    const int64_t per = (nt + params->nth - 1)/params->nth;
+    const int64_t t0  = per*params->ith;
+    const int64_t t1  = MIN(t0 + per, nt);
+    if (t0 >= t1) {
+        return;
+    }
+    const int64_t n = t1 - t0;
+
+    static thread_local std::vector<float> far_buf, ord_buf;
+    far_buf.resize((size_t) d*nh*n);
+
+    // this thread's tokens as a node of their own (one thread), F32 [d, nh, n] out
+    ggml_tensor src = *a;
+    src.data  = (char *) a->data + t0*a->nb[2];
+    src.ne[2] = n;
+    ggml_tensor out = {};
+    out.type  = GGML_TYPE_F32;
+    out.ne[0] = d; out.ne[1] = nh; out.ne[2] = n; out.ne[3] = 1;
+    out.nb[0] = sizeof(float); out.nb[1] = d*sizeof(float); out.nb[2] = d*nh*sizeof(float); out.nb[3] = d*nh*n*sizeof(float);
+    memcpy(out.op_params, dst->op_params, sizeof(out.op_params));
+    out.data = far_buf.data();
+    const ggml_compute_params one = { 0, 1, params->wsize, params->wdata, params->threadpool, params->use_ref };
+
+    part.src0       = &src;
+    part.dst        = &out;
+    part.pos        = (const int32_t *) dst->src[1]->data + t0;
+    part.rows       = nullptr;
+    part.shift_kind = GGML_ROPE_DPE_KEY_FULL;
+    part.r_begin    = 0;
+    part.r_end      = nh*n;
+    rope_dpe_compute_part(&one, part);
+
+    const bool f16 = cache->type == GGML_TYPE_F16;
+    for (int64_t t = 0; t < n; t++) {
+        char * row = (char *) cache->data + idx[t0 + t]*cache->nb[1];
+        float * x  = far_buf.data() + t*d*nh;
+        if (f16) {
+            ggml_cpu_fp32_to_fp16(x, (ggml_fp16_t *) row, d*nh);
+            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) row, x, d*nh); // what the cache holds, as read back
+        } else {
+            memcpy(row, x, d*nh*sizeof(float));
+        }
+    }
+    if (store == nullptr) {
+        return;
+    }
+
+    ord_buf.resize((size_t) d*nh*n);
+    ggml_tensor far = out;
+    ggml_tensor ord = out;
+    ord.data = ord_buf.data();
+    part.src0       = &far;
+    part.dst        = &ord;
+    part.shift_kind = GGML_ROPE_DPE_KEY_INVERSE;
+    rope_dpe_compute_part(&one, part);
+
+    const int64_t n_tps = dst->src[8]->ne[0];
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t tg = t0 + t;
+        const int64_t s  = tg/n_tps;
+        for (int64_t h = 0; h < nh; h++) {
+            float * y = (float *) ((char *) store->data + slot[tg]*store->nb[1] + h*store->nb[2] + s*store->nb[3]);
+            memcpy(y, ord_buf.data() + (t*nh + h)*d, d*sizeof(float));
+        }
+    }
+}
+
 void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
     const ggml_tensor * src0 = dst->src[0]; // a
     const ggml_tensor * src1 = dst->src[1]; // pos
@@ -264,8 +344,9 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
     const ggml_tensor * src3 = dst->src[3]; // freq_factors or NULL
     const ggml_tensor * src4 = dst->src[4]; // rows or NULL
 
+    const bool key_write = ggml_get_op_params_i32(dst, GGML_ROPE_DPE_P_KIND) == GGML_ROPE_DPE_KEY_WRITE;
     GGML_ASSERT((src0->type == GGML_TYPE_F32 || (src0->type == GGML_TYPE_F16 && src4 != nullptr)) &&
-                dst->type == GGML_TYPE_F32);
+                (dst->type == GGML_TYPE_F32 || key_write));
     GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
     GGML_ASSERT(src4 == nullptr || src4->type == GGML_TYPE_I32);
 
@@ -274,15 +355,15 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
     const int mode   = p.mode;
 
     GGML_ASSERT(mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX);
-    GGML_ASSERT(src0->nb[0] == ggml_type_size(src0->type) && dst->nb[0] == sizeof(float));
+    GGML_ASSERT(src0->nb[0] == ggml_type_size(src0->type) && (dst->nb[0] == sizeof(float) || key_write));
     GGML_ASSERT(n_dims % 2 == 0 && n_dims <= dst->ne[0]);
 
     const int n_f = n_dims / 2;
     GGML_ASSERT(n_f <= GGML_DPE_MAX_F);
 
     const int64_t n_head_kv = src2->ne[1];
-    const int64_t n_group   = dst->ne[1] / n_head_kv; // query heads per KV head
-    GGML_ASSERT(n_group * n_head_kv == dst->ne[1]);
+    const int64_t n_group   = src0->ne[1] / n_head_kv; // query heads per KV head
+    GGML_ASSERT(n_group * n_head_kv == src0->ne[1]);
 
     // per-frequency rates: the same for every row (double: see ggml-dpe-impl.h)
     const float * freq_factors = src3 ? (const float *) src3->data : NULL;
@@ -300,7 +381,9 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
                            src4 ? (const int32_t *) src4->data : nullptr, rate, n_dims, n_f, p.window, p.kind,
                            n_head_kv, n_group, ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor),
                            0, ggml_nrows(dst) };
-    if (p.kind == GGML_ROPE_DPE_QUERY_PAIR) {
+    if (key_write) {
+        rope_dpe_key_write(params, dst, part);
+    } else if (p.kind == GGML_ROPE_DPE_QUERY_PAIR) {
         // each half of its own shift kind (every thread takes its share of each half)
         const int64_t half = ggml_nrows(dst)/2;
         for (int h = 0; h < 2; h++) {

@@ -51,6 +51,7 @@ struct dpe_fa_args {
     float scale, softcap, m0, m1; int n_head_log2; bool alibi;
     bool mask_async; // mask rows 16-byte aligned and n_kv % 8 == 0: mask tiles by cp.async beside K and V
     int D, window, n_split, tiles_per_split;
+    int kw_slots; // 0: slot j's window key is row j of kw; S > 0: row idx[j] % S (a store of keys by cell)
 };
 
 __device__ __forceinline__ float dpe_slope(const dpe_fa_args & a, int h) {
@@ -451,7 +452,8 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
                     if (pw != INT32_MAX && c < c0 + KT) {
                         if (bq_max - pw >= 0 && bq_min - pw < a.window) {
                             *(uint4 *) (Kn + (c - c0)*DS + 8*ch) =
-                                dpe_load8<GGML_TYPE_F32>((const char *) (kwbase + sl*a.kw_s1), 8*ch);
+                                dpe_load8<GGML_TYPE_F32>(
+                                    (const char *) (kwbase + (int64_t) (a.kw_slots ? c % a.kw_slots : sl)*a.kw_s1), 8*ch);
                         }
                         if (ch == 0) {
                             info[c - c0] = make_int2(tile, pw);
@@ -959,7 +961,7 @@ __global__ void __launch_bounds__(128) dpe_fattn_vec(const dpe_fa_args a) {
             }
         }
         if (ok && any_near) {
-            const char * kwrow = (const char *) (kwbase + (int64_t) sl*a.kw_s1);
+            const char * kwrow = (const char *) (kwbase + (int64_t) (a.kw_slots ? c % a.kw_slots : sl)*a.kw_s1);
             float sn[R];
 #pragma unroll
             for (int r = 0; r < R; ++r) {
@@ -1392,7 +1394,8 @@ void ggml_cuda_op_dpe_flash_attn(ggml_backend_cuda_context & ctx, ggml_tensor * 
     a.n_stream  = (int) q->ne[3];
     a.n_head_kv = (int) k->ne[2];
     a.n_kv      = (int) k->ne[1];
-    a.n_win     = (int) kw->ne[1];
+    a.n_win     = (int) dst->src[6]->ne[0];
+    a.kw_slots  = ((const int32_t *) dst->op_params)[GGML_DPE_FATTN_P_KW_SLOTS];
     a.G         = a.n_head/a.n_head_kv;
     a.rows      = a.n_tps*a.G;
     a.D         = (int) k->ne[0];

@@ -3,6 +3,36 @@
 #include "ggml-dpe.h"
 #include "ggml-dpe-impl.h"
 
+// Pair (x0, x1) of frequency f rotated for shift kind `shift_kind` at position p with divisor s: the arithmetic of
+// every ROPE_DPE kernel here (explicit roundings, so that the kernels that share it give the same bits).
+template <bool has_ff>
+static __device__ __forceinline__ void rope_dpe_pair(
+        const float x0, const float x1, float & y0, float & y1, const int f, const int32_t p, const int32_t s,
+        const int window, const int shift_kind, const float theta_scale, const float freq_scale, const float ext_factor,
+        const float corr_low, const float corr_high, const float * freq_factors, const float mscale) {
+    const int64_t delta = ggml_dpe_delta_kind(p, s, window, shift_kind);
+    const bool    full  = ggml_dpe_shift_is_full(shift_kind);
+    if (delta == 0 && !full) {
+        y0 = x0;
+        y1 = x1;
+        return;
+    }
+
+    const float  ff    = has_ff ? freq_factors[f] : 1.0f;
+    const double rate  = ggml_dpe_rate(f, theta_scale, ff, freq_scale, ext_factor, corr_low, corr_high);
+    const float  theta = ggml_dpe_angle(delta, rate);
+
+    float sin_theta;
+    float cos_theta;
+    sincosf(theta, &sin_theta, &cos_theta);
+    if (full) {
+        sin_theta = __fmul_rn(sin_theta, mscale);
+        cos_theta = __fmul_rn(cos_theta, mscale);
+    }
+    y0 = __fmaf_rn(x0, cos_theta, -__fmul_rn(x1, sin_theta));
+    y1 = __fmaf_rn(x0, sin_theta,  __fmul_rn(x1, cos_theta));
+}
+
 // One thread per pair (i0 = 2*pair): NORMAL pair (i0, i0+1); NEOX pair (i0/2, i0/2 + n_dims/2) for
 // i0 < n_dims; threads with i0 >= n_dims copy (i0, i0+1). One block row per output row (dst is contiguous):
 // (i1 head, i2 token or slot, i3). Its source row is (i1, i2, i3) of x, or with rows (a cache) (i1, cell, i3)
@@ -49,28 +79,8 @@ static __global__ void rope_dpe_f32(
     int32_t s = (int32_t) table[(i1/n_group)*s_table + f];
     s = s < 1 ? 1 : s; // the CPU kernel asserts instead; the loader validates the table
 
-    const int64_t delta = ggml_dpe_delta_kind(p, s, window, shift_kind);
-    const bool    full  = ggml_dpe_shift_is_full(shift_kind);
-    if (delta == 0 && !full) {
-        yr[ia] = x0;
-        yr[ib] = x1;
-        return;
-    }
-
-    const float  ff    = has_ff ? freq_factors[f] : 1.0f;
-    const double rate  = ggml_dpe_rate(f, theta_scale, ff, freq_scale, ext_factor, corr_low, corr_high);
-    const float  theta = ggml_dpe_angle(delta, rate);
-
-    float sin_theta;
-    float cos_theta;
-    sincosf(theta, &sin_theta, &cos_theta);
-    if (full) {
-        sin_theta *= mscale;
-        cos_theta *= mscale;
-    }
-
-    yr[ia] = x0*cos_theta - x1*sin_theta;
-    yr[ib] = x0*sin_theta + x1*cos_theta;
+    rope_dpe_pair<has_ff>(x0, x1, yr[ia], yr[ib], f, p, s, window, shift_kind, theta_scale, freq_scale, ext_factor,
+                          corr_low, corr_high, freq_factors, mscale);
 }
 
 template <typename T, bool neox>
@@ -97,6 +107,96 @@ static void rope_dpe_f32_cuda(
     }
 }
 
+// GGML_ROPE_DPE_KEY_WRITE (ggml_rope_dpe_key_write): one block row per (token, KV head), one thread per pair as
+// rope_dpe_f32. The far key goes to the token's cache row in the cache's type (as set_rows converts it); with a
+// store, the key as the cache now holds it is rotated back (as rope_dpe_f32 rotates a cache row back) into the
+// token's store slot.
+template <typename TC, bool neox, bool has_ff>
+static __global__ void rope_dpe_key_write(
+        const float * x, const int64_t nb01, const int64_t nb02, const int ne00, const int n_head_kv,
+        char * cache, const int64_t c_nb1, const int64_t * idx,
+        char * store, const int64_t s_nb1, const int64_t s_nb2, const int64_t s_nb3, const int64_t * slot, const int n_tps,
+        const int n_dims, const int32_t * pos, const float * table, const int64_t s_table,
+        const float theta_scale, const float freq_scale, const float ext_factor, const float corr_low, const float corr_high,
+        const float * freq_factors, const int window, const float mscale) {
+    const int i0 = 2*(blockDim.y*blockIdx.y + threadIdx.y);
+    if (i0 >= ne00) {
+        return;
+    }
+    const int64_t row = blockIdx.x;
+    const int64_t t   = row/n_head_kv;
+    const int64_t h   = row - t*n_head_kv;
+    const int32_t p   = pos[t];
+
+    const float * xr = (const float *) ((const char *) x + h*nb01 + t*nb02);
+    TC * cr = (TC *) (cache + idx[t]*c_nb1) + h*ne00;
+    float * sr = store ? (float *) (store + slot[t]*s_nb1 + h*s_nb2 + (t/n_tps)*s_nb3) : nullptr;
+
+    int ia = i0, ib = i0 + 1, f = 0;
+    if (i0 < n_dims) {
+        f  = i0/2;
+        ia = neox ? f            : i0;
+        ib = neox ? f + n_dims/2 : i0 + 1;
+    }
+    float y0 = xr[ia];
+    float y1 = xr[ib];
+    int32_t s = 1;
+    if (i0 < n_dims) {
+        s = (int32_t) table[h*s_table + f];
+        s = s < 1 ? 1 : s;
+        rope_dpe_pair<has_ff>(xr[ia], xr[ib], y0, y1, f, p, s, window, GGML_ROPE_DPE_KEY_FULL, theta_scale, freq_scale,
+                              ext_factor, corr_low, corr_high, freq_factors, mscale);
+    }
+    const TC c0 = (TC) y0;
+    const TC c1 = (TC) y1;
+    cr[ia] = c0;
+    cr[ib] = c1;
+    if (sr == nullptr) {
+        return;
+    }
+    float z0 = (float) c0;
+    float z1 = (float) c1;
+    if (i0 < n_dims) {
+        rope_dpe_pair<has_ff>((float) c0, (float) c1, z0, z1, f, p, s, window, GGML_ROPE_DPE_KEY_INVERSE, theta_scale,
+                              freq_scale, ext_factor, corr_low, corr_high, freq_factors, mscale);
+    }
+    sr[ia] = z0;
+    sr[ib] = z1;
+}
+
+template <typename TC, bool neox>
+static void rope_dpe_key_write_cuda(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const float theta_scale,
+                                    const float corr_dims[2], const float mscale) {
+    const ggml_tensor * a     = dst->src[0];
+    const ggml_tensor * table = dst->src[2];
+    const ggml_tensor * ff    = dst->src[3];
+    const ggml_tensor * cache = dst->src[5];
+    const ggml_tensor * store = dst->src[7];
+    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
+    const int     ne00 = (int) a->ne[0];
+    const int     nh   = (int) a->ne[1];
+    const int64_t nr   = a->ne[1]*a->ne[2];
+    GGML_ASSERT(ne00 % 2 == 0 && nr <= INT_MAX);
+    const dim3 block_dims(1, CUDA_ROPE_DPE_BLOCK_SIZE, 1);
+    const dim3 block_nums((unsigned) nr, (ne00 + 2*CUDA_ROPE_DPE_BLOCK_SIZE - 1)/(2*CUDA_ROPE_DPE_BLOCK_SIZE), 1);
+    const int n_tps = store ? (int) dst->src[8]->ne[0] : 1;
+    auto launch = [&](auto kernel) {
+        kernel<<<block_nums, block_dims, 0, ctx.stream()>>>(
+            (const float *) a->data, a->nb[1], a->nb[2], ne00, nh, (char *) cache->data, cache->nb[1],
+            (const int64_t *) dst->src[6]->data, store ? (char *) store->data : nullptr,
+            store ? store->nb[1] : 0, store ? store->nb[2] : 0, store ? store->nb[3] : 0,
+            store ? (const int64_t *) dst->src[8]->data : nullptr, n_tps, p.n_dims, (const int32_t *) dst->src[1]->data,
+            (const float *) table->data, table->nb[1]/sizeof(float), theta_scale, p.freq_scale, p.ext_factor,
+            corr_dims[0], corr_dims[1], ff ? (const float *) ff->data : nullptr, p.window, mscale);
+    };
+    if (ff) {
+        launch(rope_dpe_key_write<TC, neox, true>);
+    } else {
+        launch(rope_dpe_key_write<TC, neox, false>);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}
+
 bool ggml_cuda_supports_rope_dpe(const ggml_tensor * op) {
     const ggml_tensor * a     = op->src[0];
     const ggml_tensor * pos   = op->src[1];
@@ -104,6 +204,16 @@ bool ggml_cuda_supports_rope_dpe(const ggml_tensor * op) {
     const ggml_tensor * ff    = op->src[3];
     const ggml_tensor * rows  = op->src[4];
     const int mode = ((const int32_t *) op->op_params)[GGML_ROPE_DPE_P_MODE];
+    if (((const int32_t *) op->op_params)[GGML_ROPE_DPE_P_KIND] == GGML_ROPE_DPE_KEY_WRITE) {
+        const ggml_tensor * cache = op->src[5], * store = op->src[7];
+        return (cache->type == GGML_TYPE_F16 || cache->type == GGML_TYPE_F32) &&
+               cache->nb[0] == ggml_type_size(cache->type) && cache->nb[1] % ggml_type_size(cache->type) == 0 &&
+               a->type == GGML_TYPE_F32 && a->nb[0] == sizeof(float) && a->ne[0] % 2 == 0 &&
+               (store == nullptr || (store->nb[1] % sizeof(float) == 0 && store->nb[2] % sizeof(float) == 0 &&
+                                     store->nb[3] % sizeof(float) == 0)) &&
+               table->nb[1] % sizeof(float) == 0 && (ff == nullptr || ggml_is_contiguous(ff)) &&
+               (mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && a->ne[1]*a->ne[2] <= INT_MAX;
+    }
     return op->type == GGML_TYPE_F32 && ggml_is_contiguous(op) &&
            (a->type == GGML_TYPE_F32 || (a->type == GGML_TYPE_F16 && rows != nullptr)) &&
            a->nb[0] == ggml_type_size(a->type) && a->ne[0] % 2 == 0 &&
@@ -137,11 +247,30 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * src3 = dst->src[3];
     const ggml_tensor * src4 = dst->src[4];
 
+    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
+    if (p.kind == GGML_ROPE_DPE_KEY_WRITE) {
+        const float theta_scale = powf(p.freq_base, -2.0f/p.n_dims);
+        float corr_dims[2];
+        ggml_rope_yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
+        const float mscale = ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor);
+        if (src0->ne[1]*src0->ne[2] == 0) {
+            return;
+        }
+        const bool neox = p.mode == GGML_ROPE_TYPE_NEOX;
+        if (dst->src[5]->type == GGML_TYPE_F16) {
+            neox ? rope_dpe_key_write_cuda<half, true>(ctx, dst, theta_scale, corr_dims, mscale)
+                 : rope_dpe_key_write_cuda<half, false>(ctx, dst, theta_scale, corr_dims, mscale);
+        } else {
+            neox ? rope_dpe_key_write_cuda<float, true>(ctx, dst, theta_scale, corr_dims, mscale)
+                 : rope_dpe_key_write_cuda<float, false>(ctx, dst, theta_scale, corr_dims, mscale);
+        }
+        return;
+    }
+
     GGML_ASSERT((src0->type == GGML_TYPE_F32 || src0->type == GGML_TYPE_F16) && dst->type == GGML_TYPE_F32);
     GGML_ASSERT(src1->type == GGML_TYPE_I32 && src2->type == GGML_TYPE_F32);
     GGML_ASSERT(ggml_is_contiguous(dst));
 
-    const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
     const int   n_dims     = p.n_dims;
     const int   mode       = p.mode;
 

@@ -5,6 +5,40 @@
 
 #include <string.h>
 
+// the checks of the table and freq factors, and the op_params of a GGML_OP_ROPE_DPE node
+static void rope_dpe_set_params(struct ggml_tensor * result, const struct ggml_tensor * a,
+                                const struct ggml_tensor * table, const struct ggml_tensor * freq_factors,
+                                int n_dims, int mode, int n_ctx_orig, float freq_base, float freq_scale,
+                                float ext_factor, float attn_factor, float beta_fast, float beta_slow, int window,
+                                int kind) {
+    GGML_ASSERT(table->type == GGML_TYPE_F32);
+    GGML_ASSERT(table->nb[0] == sizeof(float));
+    GGML_ASSERT(table->ne[0] == n_dims / 2);
+    GGML_ASSERT(table->ne[2] == 1 && table->ne[3] == 1);
+    GGML_ASSERT(table->ne[1] >= 1 && a->ne[1] % table->ne[1] == 0); // n_head is a multiple of n_head_kv
+
+    if (freq_factors) {
+        GGML_ASSERT(freq_factors->type == GGML_TYPE_F32);
+        GGML_ASSERT(ggml_is_contiguous(freq_factors));
+        GGML_ASSERT(freq_factors->ne[0] >= n_dims / 2);
+    }
+    GGML_ASSERT(window >= 0);
+
+    int32_t params[GGML_ROPE_DPE_P_COUNT] = { 0 };
+    params[GGML_ROPE_DPE_P_N_DIMS]     = n_dims;
+    params[GGML_ROPE_DPE_P_MODE]       = mode;
+    params[GGML_ROPE_DPE_P_N_CTX_ORIG] = n_ctx_orig;
+    memcpy(params + GGML_ROPE_DPE_P_FREQ_BASE,   &freq_base,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_FREQ_SCALE,  &freq_scale,  sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_EXT_FACTOR,  &ext_factor,  sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_BETA_FAST,   &beta_fast,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_BETA_SLOW,   &beta_slow,   sizeof(float));
+    memcpy(params + GGML_ROPE_DPE_P_ATTN_FACTOR, &attn_factor, sizeof(float));
+    params[GGML_ROPE_DPE_P_WINDOW]     = window;
+    params[GGML_ROPE_DPE_P_KIND]       = kind;
+    ggml_set_op_params(result, params, sizeof(params));
+}
+
 struct ggml_tensor * ggml_rope_dpe_ext(
         struct ggml_context * ctx,
         struct ggml_tensor  * a,
@@ -48,34 +82,9 @@ struct ggml_tensor * ggml_rope_dpe_ext(
         ne[3] = 2;
     }
 
-    GGML_ASSERT(table->type == GGML_TYPE_F32);
-    GGML_ASSERT(table->nb[0] == sizeof(float));
-    GGML_ASSERT(table->ne[0] == n_dims / 2);
-    GGML_ASSERT(table->ne[2] == 1 && table->ne[3] == 1);
-    GGML_ASSERT(table->ne[1] >= 1 && a->ne[1] % table->ne[1] == 0); // n_head is a multiple of n_head_kv
-
-    if (freq_factors) {
-        GGML_ASSERT(freq_factors->type == GGML_TYPE_F32);
-        GGML_ASSERT(ggml_is_contiguous(freq_factors));
-        GGML_ASSERT(freq_factors->ne[0] >= n_dims / 2);
-    }
-    GGML_ASSERT(window >= 0);
-
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, ne);
-
-    int32_t params[GGML_ROPE_DPE_P_COUNT] = { 0 };
-    params[GGML_ROPE_DPE_P_N_DIMS]     = n_dims;
-    params[GGML_ROPE_DPE_P_MODE]       = mode;
-    params[GGML_ROPE_DPE_P_N_CTX_ORIG] = n_ctx_orig;
-    memcpy(params + GGML_ROPE_DPE_P_FREQ_BASE,   &freq_base,   sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_FREQ_SCALE,  &freq_scale,  sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_EXT_FACTOR,  &ext_factor,  sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_BETA_FAST,   &beta_fast,   sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_BETA_SLOW,   &beta_slow,   sizeof(float));
-    memcpy(params + GGML_ROPE_DPE_P_ATTN_FACTOR, &attn_factor, sizeof(float));
-    params[GGML_ROPE_DPE_P_WINDOW]     = window;
-    params[GGML_ROPE_DPE_P_KIND]       = kind;
-    ggml_set_op_params(result, params, sizeof(params));
+    rope_dpe_set_params(result, a, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                        attn_factor, beta_fast, beta_slow, window, kind);
 
     result->op     = GGML_OP_ROPE_DPE;
     result->src[0] = a;
@@ -106,6 +115,67 @@ struct ggml_tensor * ggml_rope_dpe(
     GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE);
     return ggml_rope_dpe_ext(ctx, a, pos, table, freq_factors, NULL, n_dims, mode, n_ctx_orig, freq_base, freq_scale,
                              ext_factor, 1.0f, beta_fast, beta_slow, window, kind);
+}
+
+struct ggml_tensor * ggml_rope_dpe_key_write(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * cache,
+        struct ggml_tensor  * a,
+        struct ggml_tensor  * idx,
+        struct ggml_tensor  * pos,
+        struct ggml_tensor  * table,
+        struct ggml_tensor  * freq_factors,
+        struct ggml_tensor  * store,
+        struct ggml_tensor  * slot,
+        int                   n_dims,
+        int                   mode,
+        int                   n_ctx_orig,
+        float                 freq_base,
+        float                 freq_scale,
+        float                 ext_factor,
+        float                 attn_factor,
+        float                 beta_fast,
+        float                 beta_slow,
+        int                   window) {
+    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
+    GGML_ASSERT(a->type == GGML_TYPE_F32 && a->nb[0] == sizeof(float));
+    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
+    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
+    GGML_ASSERT(ggml_is_contiguous(pos) && pos->type == GGML_TYPE_I32);
+    GGML_ASSERT(ggml_is_vector(pos) && pos->ne[0] == a->ne[2]);
+    const int64_t d = a->ne[0], n_head_kv = a->ne[1], n_tokens = a->ne[2];
+    GGML_ASSERT(a->ne[3] == 1 && ggml_is_contiguous(a));
+    GGML_ASSERT(cache->type == GGML_TYPE_F16 || cache->type == GGML_TYPE_F32);
+    GGML_ASSERT(cache->ne[0] == d*n_head_kv && cache->ne[2] == 1 && cache->ne[3] == 1);
+    GGML_ASSERT(cache->nb[0] == ggml_type_size(cache->type));
+    GGML_ASSERT(idx->type == GGML_TYPE_I64 && ggml_is_contiguous(idx) && ggml_nelements(idx) == n_tokens);
+    GGML_ASSERT(table->ne[1] == n_head_kv);
+    if (store) {
+        GGML_ASSERT(store->type == GGML_TYPE_F32 && store->nb[0] == sizeof(float));
+        GGML_ASSERT(store->ne[0] == d && store->ne[2] == n_head_kv);
+        GGML_ASSERT(slot && slot->type == GGML_TYPE_I64 && ggml_is_contiguous(slot));
+        GGML_ASSERT(slot->ne[1] == 1 && slot->ne[2] == store->ne[3] && slot->ne[3] == 1);
+        GGML_ASSERT(slot->ne[0]*slot->ne[2] == n_tokens);
+    } else {
+        GGML_ASSERT(slot == NULL);
+    }
+
+    struct ggml_tensor * result = ggml_view_tensor(ctx, cache);
+    rope_dpe_set_params(result, a, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                        attn_factor, beta_fast, beta_slow, window, GGML_ROPE_DPE_KEY_WRITE);
+
+    result->op     = GGML_OP_ROPE_DPE;
+    result->src[0] = a;
+    result->src[1] = pos;
+    result->src[2] = table;
+    result->src[3] = freq_factors;
+    result->src[4] = NULL;
+    result->src[5] = cache;
+    result->src[6] = idx;
+    result->src[7] = store;
+    result->src[8] = slot;
+
+    return result;
 }
 
 struct ggml_tensor * ggml_dpe_near_scores(
@@ -156,7 +226,8 @@ struct ggml_tensor * ggml_dpe_flash_attn(
         float                 scale,
         float                 max_bias,
         float                 logit_softcap,
-        int                   window) {
+        int                   window,
+        int                   kw_slots) {
     const int64_t d = q->ne[0], n_tps = q->ne[1], n_head = q->ne[2], n_stream = q->ne[3];
     GGML_ASSERT(q->type == GGML_TYPE_F32 && q_far->type == GGML_TYPE_F32 && k_win->type == GGML_TYPE_F32);
     GGML_ASSERT(ggml_are_same_shape(q, q_far));
@@ -176,7 +247,9 @@ struct ggml_tensor * ggml_dpe_flash_attn(
     }
     GGML_ASSERT(idx->type == GGML_TYPE_I32 && pos_win->type == GGML_TYPE_I32 && pos_q->type == GGML_TYPE_I32);
     GGML_ASSERT(ggml_is_contiguous(idx) && ggml_is_contiguous(pos_win) && ggml_is_contiguous(pos_q));
-    GGML_ASSERT(idx->ne[0] == k_win->ne[1] && idx->ne[1] == n_stream && ggml_are_same_shape(idx, pos_win));
+    GGML_ASSERT(kw_slots >= 0);
+    GGML_ASSERT(kw_slots > 0 ? k_win->ne[1] >= kw_slots : idx->ne[0] == k_win->ne[1]);
+    GGML_ASSERT(idx->ne[1] == n_stream && ggml_are_same_shape(idx, pos_win));
     GGML_ASSERT(ggml_nelements(pos_q) == n_tps*n_stream);
     if (sinks) {
         GGML_ASSERT(sinks->type == GGML_TYPE_F32 && ggml_is_contiguous(sinks) && sinks->ne[0] == n_head);
@@ -190,7 +263,8 @@ struct ggml_tensor * ggml_dpe_flash_attn(
     memcpy(params + GGML_DPE_FATTN_P_SCALE,    &scale,         sizeof(float));
     memcpy(params + GGML_DPE_FATTN_P_MAX_BIAS, &max_bias,      sizeof(float));
     memcpy(params + GGML_DPE_FATTN_P_SOFTCAP,  &logit_softcap, sizeof(float));
-    params[GGML_DPE_FATTN_P_WINDOW] = window;
+    params[GGML_DPE_FATTN_P_WINDOW]   = window;
+    params[GGML_DPE_FATTN_P_KW_SLOTS] = kw_slots;
     ggml_set_op_params(result, params, sizeof(params));
 
     result->op     = GGML_OP_DPE_FLASH_ATTN;

@@ -33,6 +33,8 @@ extern "C" {
         GGML_ROPE_DPE_KEY_INVERSE = 2, // a far key -> the key rotated at pos (the inverse of KEY)
         GGML_ROPE_DPE_KEY_FULL    = 3, // an unrotated key -> its far key (rotated at P_k(pos))
         GGML_ROPE_DPE_QUERY_PAIR  = 4, // an unrotated query -> [the query rotated at pos ; its far query (at P_q(pos))]
+        GGML_ROPE_DPE_KEY_WRITE   = 5, // KEY_FULL written to cache rows (and the key rotated at pos to a store):
+                                       // ggml_rope_dpe_key_write
     };
 
     // Rotate vectors that ordinary RoPE already rotated at position pos to DPE's far positions.
@@ -106,6 +108,42 @@ extern "C" {
             int                   window,
             int                   kind);
 
+    // The new keys of a ubatch written to the cache, as ggml_set_rows(cache, KEY_FULL(a), idx) writes them, in one
+    // node; with a store, also what rotating them back from the cache gives (KEY_INVERSE of the far key as the
+    // cache holds it), to slots of the store.
+    //
+    //   cache  F16 or F32 [n_embd_head*n_head_kv, n_rows]: the layer's K cache, streams merged (as llama.cpp's
+    //          cpy_k views it); idx (I64 [n_tokens]) gives each token's row, as ggml_set_rows's
+    //   a      F32 [n_embd_head, n_head_kv, n_tokens], unrotated (ggml_rope_ext's input); pos: its positions;
+    //          table, freq_factors and the rope parameters as ggml_rope_dpe_ext's (kind KEY_FULL)
+    //   store  F32 [n_embd_head, n_slots, n_head_kv, n_stream] or NULL; slot (I64 [n_tps, 1, n_stream], n_tokens =
+    //          n_tps*n_stream, stream after stream): token i of stream t goes to store[:, slot[i, t], head, t]
+    //
+    // cache row idx[i] = round(KEY_FULL(a_i)) (round: the cache type's conversion), and with a store
+    // store[:, slot, h, t] = KEY_INVERSE(float(round(KEY_FULL(a_i)))) at pos[i], bit for bit what the separate
+    // nodes (and ggml_rope_dpe_ext with rows reading the cache) compute. Returns a view of cache (like
+    // ggml_set_rows); the store is written in place (build the node into the graph before its readers).
+    GGML_API struct ggml_tensor * ggml_rope_dpe_key_write(
+            struct ggml_context * ctx,
+            struct ggml_tensor  * cache,
+            struct ggml_tensor  * a,
+            struct ggml_tensor  * idx,
+            struct ggml_tensor  * pos,
+            struct ggml_tensor  * table,
+            struct ggml_tensor  * freq_factors,
+            struct ggml_tensor  * store,
+            struct ggml_tensor  * slot,
+            int                   n_dims,
+            int                   mode,
+            int                   n_ctx_orig,
+            float                 freq_base,
+            float                 freq_scale,
+            float                 ext_factor,
+            float                 attn_factor,
+            float                 beta_fast,
+            float                 beta_slow,
+            int                   window);
+
     // DPE's one softmax over near and far scores (spec section 3), at the width of the cache: put the near
     // scores of the window cells into a matrix of far scores, in place.
     //
@@ -134,7 +172,8 @@ extern "C" {
         GGML_DPE_FATTN_P_MAX_BIAS = 1, // float: ALiBi max bias (0: none)
         GGML_DPE_FATTN_P_SOFTCAP  = 2, // float: logit softcap (0: none)
         GGML_DPE_FATTN_P_WINDOW   = 3, // int32: local window w
-        GGML_DPE_FATTN_P_COUNT    = 4,
+        GGML_DPE_FATTN_P_KW_SLOTS = 4, // int32: 0, or S: slot j's key is row idx[j] % S of k_win (a store)
+        GGML_DPE_FATTN_P_COUNT    = 5,
     };
 
     // DPE's attention with one online softmax (spec section 3), as ggml_flash_attn_ext computes stock's:
@@ -146,7 +185,9 @@ extern "C" {
     //   k        [d, n_kv, n_head_kv, n_stream]: the cache's far keys (F16, F32 or a quantized type)
     //   v        [d_v, n_kv, n_head_kv, n_stream]: the values (any type with to_float)
     //   mask     F16 [n_kv, >= n_tps, 1 or n_head, n_stream] or NULL: stock's mask (causal, sequences, empty cells)
-    //   k_win    F32 [d, n_win, n_head_kv, n_stream]: the ordinary keys of the window slots (rows contiguous)
+    //   k_win    F32 [d, n_win, n_head_kv, n_stream]: the ordinary keys of the window slots (rows contiguous);
+    //            with kw_slots = S > 0, [d, >= S, n_head_kv, n_stream], slot j's key in row idx[j] % S (a store
+    //            of ordinary keys by cell, see ggml_rope_dpe_key_write)
     //   idx      I32 [n_win, n_stream]: the cell of each slot; the real slots come first with ascending
     //            cells, padding slots (pos_win = INT32_MAX) after them
     //   pos_win  I32 [n_win, n_stream]: the position of each slot's cell
@@ -171,7 +212,8 @@ extern "C" {
             float                 scale,
             float                 max_bias,
             float                 logit_softcap,
-            int                   window);
+            int                   window,
+            int                   kw_slots);
 
 #ifdef  __cplusplus
 }

@@ -275,6 +275,120 @@ static py::array_t<float> rope_dpe_rows(
     return out;
 }
 
+// -- rope_dpe_key_write: GGML_ROPE_DPE_KEY_WRITE, or the nodes it replaces (for tests) ------------------------
+
+// The cache and store after writing the keys a: one KEY_WRITE node (fused), or what it replaces (KEY_FULL, set_rows
+// into the cache, the cache type's round trip, KEY_INVERSE, set_rows into the store), as the engine built them.
+static py::tuple rope_dpe_key_write(f32_array a, i32_array pos, f32_array table, f32_array cache, py::array_t<int64_t> idx,
+                                    py::object store_in, py::object slot_in, int n_dims, int mode, int window,
+                                    float freq_base, float attn_factor, const std::string & cache_type, bool fused,
+                                    const std::string & backend_name, int n_threads) {
+    if (a.ndim() != 3 || pos.ndim() != 1 || cache.ndim() != 2 || idx.ndim() != 1) {
+        throw py::value_error("a: float32 [n_tokens, n_head_kv, d]; pos: int32 [n_tokens]; cache: [n_rows, n_head_kv*d]; "
+                              "idx: int64 [n_tokens]");
+    }
+    const int64_t nt = a.shape(0), nh = a.shape(1), d = a.shape(2), n_rows = cache.shape(0);
+    if (pos.shape(0) != nt || idx.shape(0) != nt || cache.shape(1) != nh*d || table.ndim() != 2 ||
+        table.shape(0) != nh || table.shape(1) != n_dims/2) {
+        throw py::value_error("shapes: pos, idx [n_tokens]; cache [n_rows, n_head_kv*d]; table [n_head_kv, n_dims/2]");
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+        if (idx.data()[i] < 0 || idx.data()[i] >= n_rows) {
+            throw py::value_error("idx must index rows 0 .. n_rows-1");
+        }
+    }
+    const bool has_store = !store_in.is_none();
+    f32_array store;
+    py::array_t<int64_t> slot;
+    int64_t ns = 1, n_slots = 0, n_tps = nt;
+    if (has_store) {
+        store = f32_array::ensure(store_in);
+        slot  = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(slot_in);
+        if (!store || store.ndim() != 4 || store.shape(1) != nh || store.shape(3) != d || !slot || slot.ndim() != 2 ||
+            slot.shape(0) != store.shape(0) || slot.shape(0)*slot.shape(1) != nt) {
+            throw py::value_error("store: float32 [n_stream, n_head_kv, n_slots, d]; slot: int64 [n_stream, n_tps]");
+        }
+        ns = store.shape(0); n_slots = store.shape(2); n_tps = slot.shape(1);
+        for (int64_t i = 0; i < nt; ++i) {
+            if (slot.data()[i] < 0 || slot.data()[i] >= n_slots) {
+                throw py::value_error("slot must index slots 0 .. n_slots-1");
+            }
+        }
+    }
+    const ggml_type ct = dpe_type_by_name(cache_type);
+    if (ct != GGML_TYPE_F16 && ct != GGML_TYPE_F32) {
+        throw py::value_error("cache_type must be f16 or f32");
+    }
+    ggml_backend_ptr backend = dpe_backend_init(backend_name, n_threads);
+    ggml_init_params params = { ggml_tensor_overhead() * 24 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
+    ggml_context_ptr ctx(ggml_init(params));
+    ggml_context * c = ctx.get();
+    ggml_tensor * t_a     = ggml_new_tensor_3d(c, GGML_TYPE_F32, d, nh, nt);
+    ggml_tensor * t_pos   = ggml_new_tensor_1d(c, GGML_TYPE_I32, nt);
+    ggml_tensor * t_table = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_dims/2, nh);
+    ggml_tensor * t_cache = ggml_new_tensor_2d(c, ct, nh*d, n_rows);
+    ggml_tensor * t_idx   = ggml_new_tensor_1d(c, GGML_TYPE_I64, nt);
+    ggml_tensor * t_store = has_store ? ggml_new_tensor_4d(c, GGML_TYPE_F32, d, n_slots, nh, ns) : nullptr;
+    ggml_tensor * t_slot  = has_store ? ggml_new_tensor_3d(c, GGML_TYPE_I64, n_tps, 1, ns) : nullptr;
+    ggml_cgraph * gf = ggml_new_graph(c);
+    ggml_tensor * check = nullptr; // a node the backend must run
+    if (fused) {
+        check = ggml_rope_dpe_key_write(c, t_cache, t_a, t_idx, t_pos, t_table, nullptr, t_store, t_slot, n_dims, mode, 0,
+                                        freq_base, 1.0f, 0.0f, attn_factor, 32.0f, 1.0f, window);
+        ggml_build_forward_expand(gf, check);
+    } else {
+        ggml_tensor * kf = ggml_rope_dpe_ext(c, t_a, t_pos, t_table, nullptr, nullptr, n_dims, mode, 0, freq_base, 1.0f,
+                                             0.0f, attn_factor, 32.0f, 1.0f, window, GGML_ROPE_DPE_KEY_FULL);
+        check = kf;
+        ggml_build_forward_expand(gf, ggml_set_rows(c, t_cache, ggml_view_2d(c, kf, nh*d, nt, kf->nb[2], 0), t_idx));
+        if (has_store) {
+            ggml_tensor * kr = kf;
+            if (ct == GGML_TYPE_F16) {
+                kr = ggml_cast(c, ggml_cast(c, kr, GGML_TYPE_F16), GGML_TYPE_F32);
+            }
+            ggml_tensor * ko = ggml_rope_dpe_ext(c, kr, t_pos, t_table, nullptr, nullptr, n_dims, mode, 0, freq_base,
+                                                 1.0f, 0.0f, 1.0f, 32.0f, 1.0f, window, GGML_ROPE_DPE_KEY_INVERSE);
+            ggml_tensor * src = ggml_view_4d(c, ko, d, nh, n_tps, ns, ko->nb[1], ko->nb[2], ko->nb[2]*n_tps, 0);
+            ggml_build_forward_expand(gf, ggml_set_rows(c, t_store, ggml_permute(c, src, 0, 2, 1, 3), t_slot));
+        }
+    }
+    ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), c, check, "rope_dpe_key_write", backend_name);
+    const std::vector<uint8_t> cache_bytes = dpe_to_type(cache.data(), n_rows, nh*d, ct);
+    ggml_backend_tensor_set(t_a, a.data(), 0, ggml_nbytes(t_a));
+    ggml_backend_tensor_set(t_pos, pos.data(), 0, ggml_nbytes(t_pos));
+    ggml_backend_tensor_set(t_table, table.data(), 0, ggml_nbytes(t_table));
+    ggml_backend_tensor_set(t_cache, cache_bytes.data(), 0, cache_bytes.size());
+    ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
+    if (has_store) {
+        // the store [n_stream, n_head_kv, n_slots, d] as ggml's [d, n_slots, n_head_kv, n_stream]
+        ggml_backend_tensor_set(t_store, store.data(), 0, ggml_nbytes(t_store));
+        ggml_backend_tensor_set(t_slot, slot.data(), 0, ggml_nbytes(t_slot));
+    }
+    ggml_status status;
+    std::vector<uint8_t> cache_out(ggml_nbytes(t_cache));
+    py::array_t<float> store_out(has_store ? std::vector<py::ssize_t>{ns, nh, n_slots, d} : std::vector<py::ssize_t>{0});
+    {
+        py::gil_scoped_release release;
+        status = ggml_backend_graph_compute(backend.get(), gf);
+        if (status == GGML_STATUS_SUCCESS) {
+            ggml_backend_tensor_get(t_cache, cache_out.data(), 0, cache_out.size());
+            if (has_store) {
+                ggml_backend_tensor_get(t_store, store_out.mutable_data(), 0, ggml_nbytes(t_store));
+            }
+        }
+    }
+    if (status != GGML_STATUS_SUCCESS) {
+        throw std::runtime_error("rope_dpe_key_write: graph compute failed on \"" + backend_name + "\"");
+    }
+    py::array_t<float> cache_f({n_rows, nh*d});
+    if (ct == GGML_TYPE_F32) {
+        memcpy(cache_f.mutable_data(), cache_out.data(), cache_out.size());
+    } else {
+        ggml_fp16_to_fp32_row((const ggml_fp16_t *) cache_out.data(), cache_f.mutable_data(), n_rows*nh*d);
+    }
+    return py::make_tuple(cache_f, store_out);
+}
+
 // -- round_trip, and dpe_flash_attn: one GGML_OP_DPE_FLASH_ATTN node (for tests and the kernel harness) --
 
 // x rounded to ggml's type: converted (quantized) and back, as a cache of that type holds it
@@ -301,14 +415,14 @@ struct dpe_fa_inputs {
 };
 
 static dpe_fa_inputs dpe_fa_new_inputs(ggml_context * c, int64_t S, int64_t H, int64_t Hk, int64_t T, int64_t D,
-                                       int64_t Dv, int64_t N, int64_t W, ggml_type t_kv) {
+                                       int64_t Dv, int64_t N, int64_t W, ggml_type t_kv, int64_t W_kw = -1) {
     dpe_fa_inputs in;
     in.q       = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
     in.q_far   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, T, H, S);
     in.k       = ggml_new_tensor_4d(c, t_kv, D, N, Hk, S);
     in.v       = ggml_new_tensor_4d(c, t_kv, Dv, N, Hk, S);
     in.mask    = ggml_new_tensor_4d(c, GGML_TYPE_F16, N, T, 1, S);
-    in.k_win   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, W, Hk, S);
+    in.k_win   = ggml_new_tensor_4d(c, GGML_TYPE_F32, D, W_kw < 0 ? W : W_kw, Hk, S);
     in.idx     = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
     in.pos_win = ggml_new_tensor_2d(c, GGML_TYPE_I32, W, S);
     in.pos_q   = ggml_new_tensor_1d(c, GGML_TYPE_I32, S*T);
@@ -319,13 +433,16 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
                                          f32_array k_win, i32_array idx, i32_array pos_win, i32_array pos_q,
                                          py::object sinks_in, int window, float scale, float max_bias, float softcap,
                                          const std::string & kv_type, const std::string & backend_name, int n_threads,
-                                         bool stock) {
+                                         bool stock, int kw_slots) {
     if (q.ndim() != 4 || q_far.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || mask.ndim() != 3 || k_win.ndim() != 4 ||
         idx.ndim() != 2 || pos_win.ndim() != 2 || pos_q.ndim() != 1) {
         throw py::value_error("q, q_far, k, v, k_win: 4-d; mask: 3-d; idx, pos_win: 2-d; pos_q: 1-d");
     }
     const int64_t S = q.shape(0), H = q.shape(1), T = q.shape(2), D = q.shape(3);
-    const int64_t Hk = k.shape(1), N = k.shape(2), Dv = v.shape(3), W = k_win.shape(2);
+    const int64_t Hk = k.shape(1), N = k.shape(2), Dv = v.shape(3), W = idx.shape(1), W_kw = k_win.shape(2);
+    if (kw_slots < 0 || (kw_slots == 0 ? W_kw != W : W_kw < kw_slots)) {
+        throw py::value_error("k_win [S, Hk, W, D], or with kw_slots > 0 [S, Hk, >= kw_slots, D]");
+    }
     for (int i = 0; i < 4; ++i) {
         if (q_far.shape(i) != q.shape(i)) {
             throw py::value_error("q_far must have the shape of q [S, H, T, D]");
@@ -333,7 +450,7 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     }
     if (k.shape(0) != S || k.shape(3) != D || v.shape(0) != S || v.shape(1) != Hk || v.shape(2) != N ||
         mask.shape(0) != S || mask.shape(1) != T || mask.shape(2) != N || k_win.shape(0) != S || k_win.shape(1) != Hk ||
-        k_win.shape(3) != D || idx.shape(0) != S || idx.shape(1) != W || pos_win.shape(0) != S || pos_win.shape(1) != W ||
+        k_win.shape(3) != D || idx.shape(0) != S || pos_win.shape(0) != S || pos_win.shape(1) != W ||
         pos_q.shape(0) != S*T || Hk < 1 || H % Hk != 0) {
         throw py::value_error("shapes: q, q_far [S, H, T, D]; k [S, Hk, N, D]; v [S, Hk, N, Dv]; mask [S, T, N]; "
                               "k_win [S, Hk, W, D]; idx, pos_win [S, W]; pos_q [S*T]; H a multiple of Hk");
@@ -352,7 +469,7 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
     ggml_init_params params = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, /*no_alloc*/ true };
     ggml_context_ptr ctx(ggml_init(params));
     ggml_context * c = ctx.get();
-    const dpe_fa_inputs in = dpe_fa_new_inputs(c, S, H, Hk, T, D, Dv, N, W, t_kv);
+    const dpe_fa_inputs in = dpe_fa_new_inputs(c, S, H, Hk, T, D, Dv, N, W, t_kv, W_kw);
     ggml_tensor * t_sk  = has_sinks ? ggml_new_tensor_1d(c, GGML_TYPE_F32, H) : nullptr;
     ggml_tensor * t_out;
     if (stock) {
@@ -362,7 +479,7 @@ static py::array_t<float> dpe_flash_attn(f32_array q, f32_array q_far, f32_array
         ggml_flash_attn_ext_add_sinks(t_out, t_sk);
     } else {
         t_out = ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx, in.pos_win, in.pos_q,
-                                    t_sk, scale, max_bias, softcap, window);
+                                    t_sk, scale, max_bias, softcap, window, kw_slots);
     }
     ggml_cgraph * gf = ggml_new_graph(c);
     ggml_build_forward_expand(gf, t_out);
@@ -408,7 +525,7 @@ static double bench_attention(bool dpe, int64_t n_kv, int64_t n_tps, int64_t n_h
     const int64_t n_win = n_kv - first;
     const dpe_fa_inputs in = dpe_fa_new_inputs(c, 1, n_head, n_head_kv, n_tps, d, d, n_kv, n_win, t_kv);
     ggml_tensor * t_out = dpe ? ggml_dpe_flash_attn(c, in.q, in.q_far, in.k, in.v, in.mask, in.k_win, in.idx,
-                                                    in.pos_win, in.pos_q, nullptr, 0.125f, 0.0f, 0.0f, window)
+                                                    in.pos_win, in.pos_q, nullptr, 0.125f, 0.0f, 0.0f, window, 0)
                               : ggml_flash_attn_ext(c, in.q, in.k, in.v, in.mask, 0.125f, 0.0f, 0.0f);
     if (!dpe) {
         ggml_flash_attn_ext_set_prec(t_out, GGML_PREC_F32);
@@ -501,6 +618,14 @@ PYBIND11_MODULE(_native, m) {
           "Run one GGML_OP_ROPE_DPE node that reads its rows from a cache (ggml_rope_dpe_ext with rows).\n"
           "cache: float32 [S, N, Hk, D] (stored as cache_type: f32 or f16), rows, pos: int32 [S, W]; returns\n"
           "float32 [S, W, Hk, D]: cell rows[s, j] of stream s rotated at pos[s, j] (default: kind KEY_INVERSE).");
+    m.def("rope_dpe_key_write", &rope_dpe_key_write, py::arg("a"), py::arg("pos"), py::arg("table"), py::arg("cache"),
+          py::arg("idx"), py::arg("store") = py::none(), py::arg("slot") = py::none(), py::kw_only(), py::arg("n_dims"),
+          py::arg("mode"), py::arg("window"), py::arg("freq_base"), py::arg("attn_factor") = 1.0f,
+          py::arg("cache_type") = "f16", py::arg("fused") = true, py::arg("backend") = "cpu", py::arg("n_threads") = 2,
+          "Write the unrotated keys a (float32 [n_tokens, n_head_kv, d]) to cache rows idx (cache: float32\n"
+          "[n_rows, n_head_kv*d], held as cache_type) and, with a store (float32 [n_stream, n_head_kv, n_slots, d]),\n"
+          "their ordinary keys to slots slot (int64 [n_stream, n_tps]): one GGML_ROPE_DPE_KEY_WRITE node (fused) or\n"
+          "the nodes it replaces. Returns (the cache as float32, the store).");
     m.def("dpe_near_scores", &dpe_near_scores, py::arg("kq"), py::arg("kq_near"), py::arg("idx"), py::arg("pos_win"),
           py::arg("pos_q"), py::kw_only(), py::arg("window"), py::arg("backend") = "cpu", py::arg("n_threads") = 2,
           "Run one GGML_OP_DPE_NEAR_SCORES node (csrc/ggml-dpe.h) on a ggml backend.\n"
@@ -516,8 +641,10 @@ PYBIND11_MODULE(_native, m) {
           py::arg("k_win"), py::arg("idx"), py::arg("pos_win"), py::arg("pos_q"), py::arg("sinks") = py::none(),
           py::kw_only(), py::arg("window"), py::arg("scale"), py::arg("max_bias") = 0.0f, py::arg("softcap") = 0.0f,
           py::arg("kv_type") = "f16", py::arg("backend") = "cpu", py::arg("n_threads") = 2, py::arg("stock") = false,
+          py::arg("kw_slots") = 0,
           "Run one GGML_OP_DPE_FLASH_ATTN node (csrc/ggml-dpe.h) on a ggml backend.\n"
           "stock=True: stock's GGML_OP_FLASH_ATTN_EXT of q_far over k, v and mask instead (the window is ignored).\n"
+          "kw_slots=S > 0: k_win is [S_, Hk, >= S, D], slot j's key in row idx[j] % S (a store).\n"
           "q, q_far: float32 [S, H, T, D]; k: [S, Hk, N, D] and v: [S, Hk, N, Dv] (float32, stored as kv_type);\n"
           "mask: float32 [S, T, N] (0 or -inf, stored as F16); k_win: float32 [S, Hk, W, D]; idx, pos_win: int32 [S, W];\n"
           "pos_q: int32 [S*T]; sinks: float32 [H] or None. Returns float32 [S, T, H, Dv].");

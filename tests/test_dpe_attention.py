@@ -207,6 +207,44 @@ def test_sinks_and_softcap(name, backend):
     assert np.max(np.abs(out - ref)) < tolerance(c, "f16", backend, sinks=sinks, softcap=5.0)
 
 
+def as_store(c, rng):
+    """The window's keys of case c laid out as the engine's store holds them: row idx % n_slots (n_slots chosen so
+    that the window's cells have distinct rows), the other rows random."""
+    S, Hk, W, D = c["k_win"].shape
+    real = c["pos_win"] != np.iinfo(np.int32).max
+    n_slots = max(int(real.sum(axis=1).max()), 1)
+    while any(len(set((c["idx"][s][real[s]] % n_slots).tolist())) < real[s].sum() for s in range(S)):
+        n_slots += 1
+    store = rng.standard_normal((S, Hk, n_slots + 1, D)).astype(np.float32)
+    for s in range(S):
+        store[s][:, c["idx"][s][real[s]] % n_slots] = c["k_win"][s][:, real[s]]
+    return store, n_slots
+
+
+@pytest.mark.parametrize("name", ["decode", "rows", "tiled", "seqs-holes", "long-decode-gqa3", "decode-d256",
+                                  "rows-d256", "decode-streams", "tiled-streams-d128"])
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_keys_read_from_a_store(name, kv_type, backend):
+    """kw_slots: the kernels read slot j's window key from row idx[j] % S of a store (the engine's window key
+    store) and give the bits they give for the gathered keys."""
+    rng = np.random.default_rng(sorted(CASES).index(name) + 40)
+    c = make_case(rng, **CASES[name])
+    store, n_slots = as_store(c, rng)
+    D = c["q"].shape[3]
+    k_st = _native.round_trip(c["k"], kv_type)
+    v_st = _native.round_trip(c["v"], kv_type)
+    args = (c["q"], c["q_far"], k_st, v_st, c["mask"])
+    rest = (c["idx"], c["pos_win"], c["pos_q"])
+    kw = dict(window=c["window"], scale=1.0 / np.sqrt(D), kv_type=kv_type, backend=backend)
+    gathered = _native.dpe_flash_attn(*args, c["k_win"], *rest, **kw)
+    stored = _native.dpe_flash_attn(*args, store, *rest, kw_slots=n_slots, **kw)
+    np.testing.assert_array_equal(stored.view(np.uint32), gathered.view(np.uint32))
+    # the store is read: a wrong slot count reads other rows
+    wrong = _native.dpe_flash_attn(*args, store, *rest, kw_slots=n_slots + 1, **kw)
+    assert not np.array_equal(wrong, gathered)
+
+
 @pytest.mark.parametrize("name", ["decode", "tiled", "seqs-holes"])
 def test_threads_agree(name):
     rng = np.random.default_rng(3)

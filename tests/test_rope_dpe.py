@@ -476,3 +476,67 @@ def test_rows_refuse_cells_outside_the_cache(backend):
         _native.rope_dpe_rows(cache, np.array([[3, 10]], np.int32), np.zeros((1, 2), np.int32),
                               np.ones((1, 4), np.float32), n_dims=8, mode=NORMAL, window=4, freq_base=10000.0,
                               backend=backend)
+
+
+# ---------------------------------------------------------------- KEY_WRITE: the cache and store writes in one node
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+@pytest.mark.parametrize("mode", [NORMAL, NEOX])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 5), (1, 40), (3, 32)])  # (n_stream, tokens per stream)
+def test_key_write_is_the_nodes_it_replaces(shape, mode, cache_type, backend):
+    """ggml_rope_dpe_key_write leaves the cache and the store bit for bit as the nodes it replaces leave them
+    (KEY_FULL, set_rows into the cache; the cache type's round trip, KEY_INVERSE, set_rows into the store), rows
+    and slots it does not write keep their bytes, and each stored key is what rotating its cache row back gives
+    (ggml_rope_dpe_ext with rows: the engine's other way to the window's keys)."""
+    ns, n_tps = shape
+    rng = np.random.default_rng(100 * ns + n_tps + 7 * mode + (cache_type == "f16"))
+    Hk, D, n_dims, window = 3, 64, 48, 256                            # dims past n_dims are copied
+    nt, n_rows, n_slots = ns * n_tps, 300, n_tps + 6
+    a = rng.standard_normal((nt, Hk, D)).astype(np.float32)
+    pos = rng.integers(0, 60_000, nt).astype(np.int32)
+    pos[0] = 0
+    table = random_table(rng, Hk, n_dims // 2)
+    cache = rng.standard_normal((n_rows, Hk * D)).astype(np.float32)
+    idx = rng.choice(n_rows, nt, replace=False).astype(np.int64)
+    store = rng.standard_normal((ns, Hk, n_slots, D)).astype(np.float32)
+    slot = np.stack([rng.choice(n_slots, n_tps, replace=False) for _ in range(ns)]).astype(np.int64)
+    args = dict(n_dims=n_dims, mode=mode, window=window, freq_base=10000.0, attn_factor=1.125, cache_type=cache_type,
+                backend=backend)
+    c1, s1 = _native.rope_dpe_key_write(a, pos, table, cache, idx, store, slot, fused=True, **args)
+    c0, s0 = _native.rope_dpe_key_write(a, pos, table, cache, idx, store, slot, fused=False, **args)
+    np.testing.assert_array_equal(c1.view(np.uint32), c0.view(np.uint32))
+    np.testing.assert_array_equal(s1.view(np.uint32), s0.view(np.uint32))
+    held = cache if cache_type == "f32" else cache.astype(np.float16).astype(np.float32)
+    untouched = np.setdiff1d(np.arange(n_rows), idx)
+    np.testing.assert_array_equal(c1[untouched], held[untouched])
+    assert not np.array_equal(c1[idx], held[idx])
+    for s in range(ns):
+        free = np.setdiff1d(np.arange(n_slots), slot[s])
+        np.testing.assert_array_equal(s1[s][:, free], store[s][:, free])
+        # each stored key: its cache row rotated back at its position
+        tok = np.arange(s * n_tps, (s + 1) * n_tps)
+        back = _native.rope_dpe_rows(c1.reshape(1, n_rows, Hk, D), idx[tok][None].astype(np.int32), pos[tok][None],
+                                     table, n_dims=n_dims, mode=mode, window=window, freq_base=10000.0,
+                                     cache_type=cache_type, backend=backend)[0]     # [n_tps, Hk, D]
+        np.testing.assert_array_equal(s1[s][:, slot[s]].transpose(1, 0, 2).view(np.uint32), back.view(np.uint32))
+    # without a store: the same cache
+    c2, _ = _native.rope_dpe_key_write(a, pos, table, cache, idx, fused=True, **args)
+    np.testing.assert_array_equal(c2.view(np.uint32), c0.view(np.uint32))
+
+
+def test_key_write_threads_agree():
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((70, 2, 32)).astype(np.float32)
+    pos = rng.integers(0, 9000, 70).astype(np.int32)
+    table = random_table(rng, 2, 16)
+    cache = np.zeros((100, 64), np.float32)
+    idx = rng.choice(100, 70, replace=False).astype(np.int64)
+    store = np.zeros((2, 2, 40, 32), np.float32)
+    slot = np.stack([rng.choice(40, 35, replace=False) for _ in range(2)]).astype(np.int64)
+    args = dict(n_dims=32, mode=NEOX, window=64, freq_base=10000.0)
+    ref = _native.rope_dpe_key_write(a, pos, table, cache, idx, store, slot, n_threads=1, **args)
+    for n in (2, 3, 8):
+        got = _native.rope_dpe_key_write(a, pos, table, cache, idx, store, slot, n_threads=n, **args)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
