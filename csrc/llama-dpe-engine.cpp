@@ -178,15 +178,15 @@ void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model)
 // The window's ordinary keys, kept between ubatches (docs/design.md section 6). Per layer, S slots per (KV head,
 // stream) and one more (slot S) for writes that must land nowhere; a cell's key is kept in slot cell % S, and the
 // host knows which cell each slot holds (cell[stream][slot]). Decode-sized graphs (at most DPE_STORE_MAX_TOKENS
-// tokens per stream) write their new keys to their slots beside the far keys they write to the cache, computed
-// as rotating back computes them, and read the window's keys from the store (one get_rows) when it holds them
-// all; otherwise they rotate the window back from the cache, as prefill graphs always do, and keep what they
+// tokens per stream) write their new keys to their slots beside the far keys they write to the cache (one
+// ggml_rope_dpe_key_write node), computed as rotating back computes them, and read the window's keys from the
+// store when it holds them all (flash attention: the kernel reads row idx % S; otherwise one get_rows); otherwise they rotate the window back from the cache, as prefill graphs always do, and keep what they
 // rotated in the store. Writes to cells outside a graph (a state load, a stream copy) and prefill graphs (which
 // have no store nodes) make the host forget the slots of the cells they write.
 struct llama_dpe_store {
     int64_t S = 0;
     std::vector<ggml_tensor *> layer;       // by model layer: [d, S + 1, n_head_kv, n_stream]
-    std::vector<ggml_tensor *> written;     // by model layer: the store write of the graph being built
+    std::vector<ggml_tensor *> written;     // by model layer: the store as the graph being built writes it
     std::vector<std::vector<int32_t>> cell; // [stream][slot]: the cell whose ordinary key the slot holds, -1: none
     // (stream, slot, cell): window keys the last graph rotated back into the store, trusted once the next ubatch
     // is planned (the last graph then ran to its end) unless a seq_rm came first
@@ -600,8 +600,13 @@ void llama_dpe_set_inputs(const llm_graph_input_attn_kv * inp, const llama_ubatc
     if (inp->dpe_pos_q->buffer != nullptr) {
         ggml_backend_tensor_set(inp->dpe_pos_q, pos_q.data(), 0, ggml_nbytes(inp->dpe_pos_q));
     }
-    ggml_backend_tensor_set(inp->dpe_win_idx, idx.data(),   0, ggml_nbytes(inp->dpe_win_idx));
-    ggml_backend_tensor_set(inp->dpe_win_pos, wpos.data(),  0, ggml_nbytes(inp->dpe_win_pos));
+    // (the window's positions have no reader in a graph that takes the window's keys from the store and runs the
+    // doubled-head stock call)
+    for (const auto & [t, v] : { std::make_pair(inp->dpe_win_idx, &idx), std::make_pair(inp->dpe_win_pos, &wpos) }) {
+        if (t->buffer != nullptr) {
+            ggml_backend_tensor_set(t, v->data(), 0, ggml_nbytes(t));
+        }
+    }
 }
 
 // Zero-pads every row (dim 0) of the contiguous tensor x by `before` and `after` elements.
@@ -681,6 +686,13 @@ static float dpe_rope_attn_factor(const ggml_tensor * rope) {
     return f;
 }
 
+// DPE_KEY_WRITE=0: the separate nodes that ggml_rope_dpe_key_write replaces, and flash attention reading the
+// window's keys through get_rows (to compare)
+static bool key_write_off() {
+    static const bool off = getenv("DPE_KEY_WRITE") != nullptr && atoi(getenv("DPE_KEY_WRITE")) == 0;
+    return off;
+}
+
 ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
                                  ggml_tensor *& q_cur, ggml_tensor *& k_cur) {
     if (!g.hparams.dpe.active() || inp->dpe_win_idx == nullptr) {
@@ -701,6 +713,48 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
     }
     ggml_format_name(q_far, "dpe_q_far-%d", il);
 
+    // decode: the new keys' ordinary rotation to the store, computed as rotating back from the cache computes it
+    // (from the far key as the cache holds it), so that reading the store and rotating back give the same bits
+    llama_dpe_store * st = inp->mctx->get_kv()->dpe_store.get();
+    if (st != nullptr) {
+        st->written.at(il) = nullptr; // (a node of an earlier graph)
+    }
+    const bool to_store = st != nullptr && inp->dpe_store_slot != nullptr;
+    ggml_tensor * store_dst = nullptr; // the store of the graph's streams
+    int64_t ns = 1, n_tps = n_tokens;
+    if (to_store) {
+        GGML_ASSERT(!inp->self_k_rot && "the store is for F16 and F32 caches");
+        ggml_tensor * store = st->layer.at(il);
+        ns    = inp->dpe_store_slot->ne[2];
+        n_tps = n_tokens/ns;
+        store_dst = ggml_view_4d(g.ctx0, store, store->ne[0], store->ne[1], store->ne[2], ns, store->nb[1],
+                                 store->nb[2], store->nb[3], (size_t) inp->dpe_plan->s0*store->nb[3]);
+    }
+
+    // where k_cur is the model's rope node of an F16/F32 cache: one node writes the far keys to the cache (and the
+    // ordinary keys to the store), in place of the rotation, cpy_k's set_rows and the store's nodes below
+    const ggml_type type_k = inp->mctx->type_k();
+    if (dpe_is_model_rope(g, il, k_cur, n_tokens) && !key_write_off() && !inp->self_k_rot &&
+        (type_k == GGML_TYPE_F16 || type_k == GGML_TYPE_F32) && k_cur->src[0]->ne[3] == 1 &&
+        k_cur->src[0]->nb[0] == sizeof(float) && inp->get_k_idxs() != nullptr) {
+        ggml_tensor * kc = inp->mctx->get_kv()->get_k_storage(il); // [n_embd_k_gqa, kv_size, n_stream]
+        kc = ggml_view_2d(g.ctx0, kc, kc->ne[0], kc->ne[1]*kc->ne[2], kc->nb[1], 0);
+        const auto & dpe = g.hparams.dpe;
+        ggml_tensor * kw = ggml_rope_dpe_key_write(g.ctx0, kc, k_cur->src[0], inp->get_k_idxs(), k_cur->src[1],
+                                                   dpe_table(g, il), dpe.model->get_rope_factors(g.cparams, il),
+                                                   store_dst, to_store ? inp->dpe_store_slot : nullptr, (int) g.n_rot,
+                                                   g.rope_type, g.n_ctx_orig, g.freq_base, g.freq_scale, g.ext_factor,
+                                                   dpe_rope_attn_factor(k_cur), g.beta_fast, g.beta_slow,
+                                                   (int) dpe.window);
+        ggml_format_name(kw, "dpe_k_write-%d", il);
+        ggml_build_forward_expand(g.gf, kw); // before every reader of the store
+        if (to_store) {
+            st->written[il] = store_dst;
+        }
+        k_cur = kw;
+        return q_far;
+    }
+
     if (dpe_is_model_rope(g, il, k_cur, n_tokens)) {
         k_cur = dpe_rope(g, il, k_cur->src[0], k_cur->src[1], GGML_ROPE_DPE_KEY_FULL, nullptr,
                          dpe_rope_attn_factor(k_cur));
@@ -709,34 +763,27 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
     }
     ggml_format_name(k_cur, "dpe_k_far-%d", il);
 
-    // decode: the new keys' ordinary rotation to the store, computed as rotating back from the cache computes it
-    // (from the far key as the cache holds it), so that reading the store and rotating back give the same bits
-    llama_dpe_store * st = inp->mctx->get_kv()->dpe_store.get();
-    if (st != nullptr) {
-        st->written.at(il) = nullptr; // (a node of an earlier graph)
-    }
-    if (st != nullptr && inp->dpe_store_slot != nullptr) {
-        GGML_ASSERT(!inp->self_k_rot && "the store is for F16 and F32 caches");
+    if (to_store) {
         ggml_tensor * kf = k_cur;
-        if (inp->mctx->type_k() == GGML_TYPE_F16) {
+        if (type_k == GGML_TYPE_F16) {
             kf = ggml_cast(g.ctx0, ggml_cast(g.ctx0, kf, GGML_TYPE_F16), GGML_TYPE_F32);
         }
         ggml_tensor * ko = dpe_rope(g, il, kf, inp->dpe_pos_q, GGML_ROPE_DPE_KEY_INVERSE);
-        ggml_tensor * store = st->layer.at(il);
-        const int64_t ns    = inp->dpe_store_slot->ne[2];
-        const int64_t n_tps = n_tokens/ns;
-        ggml_tensor * dst = ggml_view_4d(g.ctx0, store, store->ne[0], store->ne[1], store->ne[2], ns, store->nb[1],
-                                         store->nb[2], store->nb[3], (size_t) inp->dpe_plan->s0*store->nb[3]);
         // [d, n_head_kv, n_tokens] -> [d, n_tps, n_head_kv, n_stream]
         ggml_tensor * src = ggml_view_4d(g.ctx0, ko, ko->ne[0], ko->ne[1], n_tps, ns, ko->nb[1], ko->nb[2],
                                          ko->nb[2]*n_tps, 0);
         src = ggml_permute(g.ctx0, src, 0, 2, 1, 3);
-        ggml_tensor * w = ggml_set_rows(g.ctx0, dst, src, inp->dpe_store_slot);
+        ggml_tensor * w = ggml_set_rows(g.ctx0, store_dst, src, inp->dpe_store_slot);
         ggml_format_name(w, "dpe_store_write-%d", il);
         ggml_build_forward_expand(g.gf, w);
         st->written[il] = w;
     }
     return q_far;
+}
+
+bool llama_dpe_wrote_k(const ggml_tensor * k_cur) {
+    return k_cur->op == GGML_OP_ROPE_DPE &&
+           ((const int32_t *) k_cur->op_params)[GGML_ROPE_DPE_P_KIND] == GGML_ROPE_DPE_KEY_WRITE;
 }
 
 ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
@@ -761,7 +808,12 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     ggml_tensor * k_ord   = nullptr; // rotated back from an F16/F32 cache: what the store keeps
     ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
     llama_dpe_store * st  = inp->mctx->get_kv()->dpe_store.get();
-    if (inp->dpe_use_store) {
+    int kw_slots = 0; // flash attention reads the store itself: slot j's key in row idx[j] % S
+    if (inp->dpe_use_store && g.cparams.flash_attn && !key_write_off()) {
+        GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
+        k_win_h  = st->written[il];
+        kw_slots = (int) st->S;
+    } else if (inp->dpe_use_store) {
         GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
         k_win_h = ggml_get_rows(ctx, st->written[il], inp->dpe_store_rows); // F32, contiguous
         ggml_format_name(k_win_h, "dpe_k_win-%d", il);
@@ -849,12 +901,15 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
                                                inp->dpe_win_pos, inp->dpe_pos_q, sinks, kq_scale,
                                                hparams.f_max_alibi_bias,
                                                hparams.attn_soft_cap ? hparams.f_attn_logit_softcapping : 0.0f,
-                                               (int) hparams.dpe.window);
+                                               (int) hparams.dpe.window, kw_slots);
         if (dpe_accelerators_support(g, fa)) {
             ggml_format_name(fa, "dpe_fattn-%d", il);
             cur = ggml_reshape_2d(ctx, fa, fa->ne[0]*fa->ne[1], fa->ne[2]*fa->ne[3]);
             return cur;
         }
+    }
+    if (kw_slots > 0) {
+        k_win_h = ggml_get_rows(ctx, k_win_h, inp->dpe_store_rows);
     }
     if (k_win == nullptr) {
         k_win = ggml_cont(ctx, ggml_permute(ctx, k_win_h, 0, 2, 1, 3));

@@ -50,6 +50,10 @@ void llama_dpe_store_discard_pending(llama_dpe_store * store);
 ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_input_attn_kv * inp, int il,
                                  ggml_tensor *& q_cur, ggml_tensor *& k_cur);
 
+// llm_graph_context::build_attn (KV cache), around cpy_k: whether k_cur (from llama_dpe_build_qk) is DPE's key
+// node that wrote the new keys to the cache itself (ggml_rope_dpe_key_write), so that cpy_k is not built.
+bool llama_dpe_wrote_k(const ggml_tensor * k_cur);
+
 // llm_graph_context::build_attn (KV cache), in place of build_attn_mha when llama_dpe_build_qk returned far
 // queries: one softmax over near scores (q against the window's keys) and far scores (q_far against the
 // cache); k is the cache's far keys. Returns the attention output [n_embd_head_v*n_head, n_tokens].

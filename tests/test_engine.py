@@ -29,6 +29,7 @@ N_PROMPT = 96
 N_DECODE = 32
 SCALES = (1, 2, 3, 5)          # 4 groups over the tiny models' 8 frequencies: a non-uniform table
 F32 = llama_cpp.GGML_TYPE_F32
+F16 = llama_cpp.GGML_TYPE_F16
 NGL = int(os.environ.get("DPE_TEST_NGL", "0"))   # 99 on a GPU machine: the same checks on CUDA
 
 
@@ -259,19 +260,24 @@ def test_window_store_follows_the_cache(tiny):
     assert np.array_equal(loaded, base[half:])
     assert np.array_equal(loaded_here, base[half:])
 
-    code = textwrap.dedent(f"""
-        import sys, numpy as np
-        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from test_engine import engine_logits
-        np.save({str(dpe.parent / "rotated.npy")!r},
-                engine_logits({str(dpe)!r}, np.load({str(dpe.parent / "tokens.npy")!r}), n_prompt={N_PROMPT},
-                              type_kv={F32}))
-    """)
+    # the same bits from the other graphs: rotating back throughout (DPE_WINDOW_STORE=0), and the separate nodes
+    # that the one key-writing node replaces (DPE_KEY_WRITE=0), with the F32 cache and with an F16 one
+    base16 = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F16)
     np.save(dpe.parent / "tokens.npy", tokens)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DPE_WINDOW_STORE": "0"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert np.array_equal(np.load(dpe.parent / "rotated.npy"), base)
+    for env, type_kv, want in (("DPE_WINDOW_STORE", F32, base), ("DPE_KEY_WRITE", F32, base),
+                               ("DPE_KEY_WRITE", F16, base16)):
+        code = textwrap.dedent(f"""
+            import sys, numpy as np
+            sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+            from test_engine import engine_logits
+            np.save({str(dpe.parent / "other.npy")!r},
+                    engine_logits({str(dpe)!r}, np.load({str(dpe.parent / "tokens.npy")!r}), n_prompt={N_PROMPT},
+                                  type_kv={type_kv}))
+        """)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, env: "0"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert np.array_equal(np.load(dpe.parent / "other.npy"), want), (env, type_kv)
 
 
 def test_position_shifts_are_refused(tiny):
