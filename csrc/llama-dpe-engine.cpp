@@ -433,7 +433,10 @@ void llama_dpe_build_inputs(ggml_context * ctx, const llama_kv_cache_context * m
     // plus its own tokens. The size depends only on what graph reuse compares (n_kv, the ubatch's shape and
     // its number of sequences), so a reused graph fits the next ubatch.
     const int64_t seqs  = (ubatch.n_seqs_unq + n_stream - 1)/n_stream;
-    const int64_t n_win = std::min<int64_t>(n_kv, seqs*((int64_t) dpe.window - 1) + n_tps);
+    // Padded to a multiple of 16 (padding slots are cheap): the CPU's tiled F32 product of the near scores
+    // (llamafile's tinyBLAS) takes only row counts that are a multiple of 4, and falls back to one dot product
+    // per score otherwise.
+    const int64_t n_win = std::min<int64_t>(n_kv, GGML_PAD(seqs*((int64_t) dpe.window - 1) + n_tps, 16));
 
     inp->dpe_pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
     ggml_set_input(inp->dpe_pos_q);
@@ -861,7 +864,10 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         // contiguous F16 operand selects rounds differently for different ubatch sizes, and the logits then
         // depend on n_ubatch, which stock's do not
         ggml_tensor * k_win_t = ggml_is_contiguous(k_win_h) ? k_win_h : ggml_cast(ctx, k_win_h, GGML_TYPE_F32);
-        ggml_tensor * kq_near = ggml_mul_mat(ctx, k_win_t, by_stream(q));
+        // contiguous queries where there are several per stream: the CPU's tiled product (llamafile's tinyBLAS)
+        // wants a contiguous right operand (and at least 2 columns); without it every score is one dot product
+        ggml_tensor * q_near  = q->ne[2]/n_stream > 1 ? ggml_cont(ctx, by_stream(q)) : by_stream(q);
+        ggml_tensor * kq_near = ggml_mul_mat(ctx, k_win_t, q_near);
         ggml_prec_set_acc(kq_near, GGML_PREC_F32);
         if (hparams.attn_soft_cap) {
             for (ggml_tensor ** x : {&kq, &kq_near}) {
