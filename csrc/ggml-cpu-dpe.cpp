@@ -288,7 +288,10 @@ static void rope_dpe_key_write(const struct ggml_compute_params * params, struct
     ggml_tensor out = {};
     out.type  = GGML_TYPE_F32;
     out.ne[0] = d; out.ne[1] = nh; out.ne[2] = n; out.ne[3] = 1;
-    out.nb[0] = sizeof(float); out.nb[1] = d*sizeof(float); out.nb[2] = d*nh*sizeof(float); out.nb[3] = d*nh*n*sizeof(float);
+    out.nb[0] = sizeof(float);
+    out.nb[1] = d*sizeof(float);
+    out.nb[2] = d*nh*sizeof(float);
+    out.nb[3] = d*nh*n*sizeof(float);
     memcpy(out.op_params, dst->op_params, sizeof(out.op_params));
     out.data = far_buf.data();
     const ggml_compute_params one = { 0, 1, params->wsize, params->wdata, params->threadpool, params->use_ref };

@@ -180,7 +180,8 @@ void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model)
 // host knows which cell each slot holds (cell[stream][slot]). Decode-sized graphs (at most DPE_STORE_MAX_TOKENS
 // tokens per stream) write their new keys to their slots beside the far keys they write to the cache (one
 // ggml_rope_dpe_key_write node), computed as rotating back computes them, and read the window's keys from the
-// store when it holds them all (flash attention: the kernel reads row idx % S; otherwise one get_rows); otherwise they rotate the window back from the cache, as prefill graphs always do, and keep what they
+// store when it holds them all (flash attention: the kernel reads row idx % S; otherwise one get_rows);
+// otherwise they rotate the window back from the cache, as prefill graphs always do, and keep what they
 // rotated in the store. Writes to cells outside a graph (a state load, a stream copy) and prefill graphs (which
 // have no store nodes) make the host forget the slots of the cells they write.
 struct llama_dpe_store {
@@ -716,8 +717,9 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
     }
     ggml_format_name(q_far, "dpe_q_far-%d", il);
 
-    // decode: the new keys' ordinary rotation to the store, computed as rotating back from the cache computes it
-    // (from the far key as the cache holds it), so that reading the store and rotating back give the same bits
+    // decode: the new keys' ordinary rotation goes to the store (the view of the graph's streams), computed as
+    // rotating back from the cache computes it (from the far key as the cache holds it), so that reading the
+    // store and rotating back give the same bits
     llama_dpe_store * st = inp->mctx->get_kv()->dpe_store.get();
     if (st != nullptr) {
         st->written.at(il) = nullptr; // (a node of an earlier graph)
@@ -738,8 +740,8 @@ ggml_tensor * llama_dpe_build_qk(const llm_graph_context & g, const llm_graph_in
     // ordinary keys to the store), in place of the rotation, cpy_k's set_rows and the store's nodes below
     const ggml_type type_k = inp->mctx->type_k();
     if (dpe_is_model_rope(g, il, k_cur, n_tokens) && !key_write_off() && !inp->self_k_rot &&
-        (type_k == GGML_TYPE_F16 || type_k == GGML_TYPE_F32) && k_cur->src[0]->ne[3] == 1 &&
-        k_cur->src[0]->nb[0] == sizeof(float) && inp->get_k_idxs() != nullptr) {
+        (type_k == GGML_TYPE_F16 || type_k == GGML_TYPE_F32) && k_cur->src[0]->type == GGML_TYPE_F32 &&
+        k_cur->src[0]->ne[3] == 1 && k_cur->src[0]->nb[0] == sizeof(float) && inp->get_k_idxs() != nullptr) {
         ggml_tensor * kc = inp->mctx->get_kv()->get_k_storage(il); // [n_embd_k_gqa, kv_size, n_stream]
         kc = ggml_view_2d(g.ctx0, kc, kc->ne[0], kc->ne[1]*kc->ne[2], kc->nb[1], 0);
         const auto & dpe = g.hparams.dpe;
