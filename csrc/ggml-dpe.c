@@ -5,12 +5,16 @@
 
 #include <string.h>
 
-// the checks of the table and freq factors, and the op_params of a GGML_OP_ROPE_DPE node
-static void rope_dpe_set_params(struct ggml_tensor * result, const struct ggml_tensor * a,
-                                const struct ggml_tensor * table, const struct ggml_tensor * freq_factors,
-                                int n_dims, int mode, int n_ctx_orig, float freq_base, float freq_scale,
-                                float ext_factor, float attn_factor, float beta_fast, float beta_slow, int window,
-                                int kind) {
+// A GGML_OP_ROPE_DPE node's checks of what every kind takes, its op_params and its first four sources
+static void rope_dpe_init(struct ggml_tensor * result, struct ggml_tensor * a, struct ggml_tensor * pos,
+                          struct ggml_tensor * table, struct ggml_tensor * freq_factors, int n_dims, int mode,
+                          int n_ctx_orig, float freq_base, float freq_scale, float ext_factor, float attn_factor,
+                          float beta_fast, float beta_slow, int window, int kind) {
+    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
+    GGML_ASSERT(a->nb[0] == ggml_type_size(a->type));
+    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
+    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
+    GGML_ASSERT(ggml_is_contiguous(pos) && pos->type == GGML_TYPE_I32);
     GGML_ASSERT(table->type == GGML_TYPE_F32);
     GGML_ASSERT(table->nb[0] == sizeof(float));
     GGML_ASSERT(table->ne[0] == n_dims / 2);
@@ -37,6 +41,12 @@ static void rope_dpe_set_params(struct ggml_tensor * result, const struct ggml_t
     params[GGML_ROPE_DPE_P_WINDOW]     = window;
     params[GGML_ROPE_DPE_P_KIND]       = kind;
     ggml_set_op_params(result, params, sizeof(params));
+
+    result->op     = GGML_OP_ROPE_DPE;
+    result->src[0] = a;
+    result->src[1] = pos;
+    result->src[2] = table;
+    result->src[3] = freq_factors;
 }
 
 struct ggml_tensor * ggml_rope_dpe_ext(
@@ -57,13 +67,8 @@ struct ggml_tensor * ggml_rope_dpe_ext(
         float                 beta_slow,
         int                   window,
         int                   kind) {
-    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
     GGML_ASSERT(kind == GGML_ROPE_DPE_KEY || kind == GGML_ROPE_DPE_QUERY || kind == GGML_ROPE_DPE_KEY_INVERSE ||
                 kind == GGML_ROPE_DPE_KEY_FULL || kind == GGML_ROPE_DPE_QUERY_PAIR);
-    GGML_ASSERT(a->nb[0] == ggml_type_size(a->type));
-    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
-    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
-    GGML_ASSERT(ggml_is_contiguous(pos) && pos->type == GGML_TYPE_I32);
 
     int64_t ne[GGML_MAX_DIMS] = { a->ne[0], a->ne[1], a->ne[2], a->ne[3] };
     if (rows) {
@@ -83,14 +88,8 @@ struct ggml_tensor * ggml_rope_dpe_ext(
     }
 
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, ne);
-    rope_dpe_set_params(result, a, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
-                        attn_factor, beta_fast, beta_slow, window, kind);
-
-    result->op     = GGML_OP_ROPE_DPE;
-    result->src[0] = a;
-    result->src[1] = pos;
-    result->src[2] = table;
-    result->src[3] = freq_factors;
+    rope_dpe_init(result, a, pos, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                  attn_factor, beta_fast, beta_slow, window, kind);
     result->src[4] = rows;
 
     return result;
@@ -137,14 +136,9 @@ struct ggml_tensor * ggml_rope_dpe_key_write(
         float                 beta_fast,
         float                 beta_slow,
         int                   window) {
-    GGML_ASSERT((mode == GGML_ROPE_TYPE_NORMAL || mode == GGML_ROPE_TYPE_NEOX) && "ggml_rope_dpe: only NORMAL and NEOX rope");
-    GGML_ASSERT(a->type == GGML_TYPE_F32 && a->nb[0] == sizeof(float));
-    GGML_ASSERT(n_dims > 0 && n_dims % 2 == 0 && n_dims <= a->ne[0]);
-    GGML_ASSERT(n_dims / 2 <= 512); // GGML_DPE_MAX_F
-    GGML_ASSERT(ggml_is_contiguous(pos) && pos->type == GGML_TYPE_I32);
+    GGML_ASSERT(a->type == GGML_TYPE_F32 && a->ne[3] == 1); // rows of unit stride (rope_dpe_init), views allowed
     GGML_ASSERT(ggml_is_vector(pos) && pos->ne[0] == a->ne[2]);
     const int64_t d = a->ne[0], n_head_kv = a->ne[1], n_tokens = a->ne[2];
-    GGML_ASSERT(a->ne[3] == 1 && ggml_is_contiguous(a));
     GGML_ASSERT(cache->type == GGML_TYPE_F16 || cache->type == GGML_TYPE_F32);
     GGML_ASSERT(cache->ne[0] == d*n_head_kv && cache->ne[2] == 1 && cache->ne[3] == 1);
     GGML_ASSERT(cache->nb[0] == ggml_type_size(cache->type));
@@ -161,15 +155,8 @@ struct ggml_tensor * ggml_rope_dpe_key_write(
     }
 
     struct ggml_tensor * result = ggml_view_tensor(ctx, cache);
-    rope_dpe_set_params(result, a, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
-                        attn_factor, beta_fast, beta_slow, window, GGML_ROPE_DPE_KEY_WRITE);
-
-    result->op     = GGML_OP_ROPE_DPE;
-    result->src[0] = a;
-    result->src[1] = pos;
-    result->src[2] = table;
-    result->src[3] = freq_factors;
-    result->src[4] = NULL;
+    rope_dpe_init(result, a, pos, table, freq_factors, n_dims, mode, n_ctx_orig, freq_base, freq_scale, ext_factor,
+                  attn_factor, beta_fast, beta_slow, window, GGML_ROPE_DPE_KEY_WRITE);
     result->src[5] = cache;
     result->src[6] = idx;
     result->src[7] = store;

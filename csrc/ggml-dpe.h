@@ -114,7 +114,8 @@ extern "C" {
     //
     //   cache  F16 or F32 [n_embd_head*n_head_kv, n_rows]: the layer's K cache, streams merged (as llama.cpp's
     //          cpy_k views it); idx (I64 [n_tokens]) gives each token's row, as ggml_set_rows's
-    //   a      F32 [n_embd_head, n_head_kv, n_tokens], unrotated (ggml_rope_ext's input); pos: its positions;
+    //   a      F32 [n_embd_head, n_head_kv, n_tokens], unrotated (ggml_rope_ext's input; may be a view with rows
+    //          of unit stride); pos: its positions;
     //          table, freq_factors and the rope parameters as ggml_rope_dpe_ext's (kind KEY_FULL)
     //   store  F32 [n_embd_head, n_slots, n_head_kv, n_stream] or NULL; slot (I64 [n_tps, 1, n_stream], n_tokens =
     //          n_tps*n_stream, stream after stream): token i of stream t goes to store[:, slot[i, t], head, t]
