@@ -248,11 +248,14 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * src4 = dst->src[4];
 
     const ggml_rope_dpe_op_params p = ggml_rope_dpe_get_op_params(dst);
+
+    // host-side, exactly as the CPU kernel and ggml's rope compute them
+    const float theta_scale = powf(p.freq_base, -2.0f/p.n_dims);
+    float corr_dims[2];
+    ggml_rope_yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
+    const float mscale = ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor);
+
     if (p.kind == GGML_ROPE_DPE_KEY_WRITE) {
-        const float theta_scale = powf(p.freq_base, -2.0f/p.n_dims);
-        float corr_dims[2];
-        ggml_rope_yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
-        const float mscale = ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor);
         if (src0->ne[1]*src0->ne[2] == 0) {
             return;
         }
@@ -282,12 +285,6 @@ void ggml_cuda_op_rope_dpe(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int64_t ne2  = dst->ne[2];
     const int64_t nr   = ggml_nrows(dst);
     const int n_group  = (int) (ne1/src2->ne[1]);
-
-    // host-side, exactly as the CPU kernel and ggml's rope compute them
-    const float theta_scale = powf(p.freq_base, -2.0f/n_dims);
-    float corr_dims[2];
-    ggml_rope_yarn_corr_dims(n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow, corr_dims);
-    const float mscale = ggml_dpe_mscale(p.attn_factor, p.freq_scale, p.ext_factor);
 
     const char    * x     = (const char *) src0->data;
     float         * y     = (float *) dst->data;

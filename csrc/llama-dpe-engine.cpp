@@ -814,14 +814,15 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
     llama_dpe_store * st  = inp->mctx->get_kv()->dpe_store.get();
     int kw_slots = 0; // flash attention reads the store itself: slot j's key in row idx[j] % S
-    if (inp->dpe_use_store && g.cparams.flash_attn && !key_write_off()) {
+    if (inp->dpe_use_store) {
         GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
-        k_win_h  = st->written[il];
-        kw_slots = (int) st->S;
-    } else if (inp->dpe_use_store) {
-        GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
-        k_win_h = ggml_get_rows(ctx, st->written[il], inp->dpe_store_rows); // F32, contiguous
-        ggml_format_name(k_win_h, "dpe_k_win-%d", il);
+        if (g.cparams.flash_attn && !key_write_off()) {
+            k_win_h  = st->written[il];
+            kw_slots = (int) st->S;
+        } else {
+            k_win_h = ggml_get_rows(ctx, st->written[il], inp->dpe_store_rows); // F32, contiguous
+            ggml_format_name(k_win_h, "dpe_k_win-%d", il);
+        }
     } else if (!inp->self_k_rot && (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_F32)) {
         k_win = dpe_rope(g, il, k, win_pos, GGML_ROPE_DPE_KEY_INVERSE, inp->dpe_win_idx);
         k_ord = k_win;
