@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstdint>
 
 namespace {
@@ -292,33 +293,85 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
         blk_pq[1][warp] = pq_max;
     }
 
+    // the block's rows of the mask: one per token where every head has the same mask (m_ne2 == 1: the rows of a
+    // token's G heads share it), else one per row; their offsets (-1: none)
+    const bool mask_tok = a.m_ne2 == 1;
+    const int  i_first  = row0/a.G;
+    const int  n_mrows  = mask_tok ? (min(a.rows, row0 + RT) - 1)/a.G - i_first + 1 : RT;
+    auto mask_row = [&](const int m) -> int64_t {
+        if (m >= n_mrows) {
+            return -1;
+        }
+        if (mask_tok) {
+            return (int64_t) (i_first + m)*a.m_s1 + (s % a.m_ne3)*a.m_s3;
+        }
+        const int cr = row0 + m;
+        if (cr >= a.rows) {
+            return -1;
+        }
+        const int h = hk*a.G + cr % a.G;
+        return (int64_t) (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3;
+    };
+    // the rows of the mask tile the thread's two rows read
+    int mrow_s[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        mrow_s[rr] = mask_tok ? (valid[rr] ? irow[rr] - i_first : 0) : wq*16 + g + 8*rr;
+    }
+
     // this block's tiles, less the last ones in which the mask hides every pair of the block's rows (a causal
-    // mask past the rows' positions): they are neither loaded nor scored
+    // mask past the rows' positions): they are neither loaded nor scored. TP tiles are probed per barrier (the
+    // loads of a round are independent), from the last tile back.
     const int n_tiles = (a.n_kv + KT - 1)/KT;
     const int t_begin = blockIdx.z*a.tiles_per_split;
     int       t_end   = min(n_tiles, t_begin + a.tiles_per_split);
     if (a.mask_async) {
-        for (; t_end > t_begin; --t_end) {
-            const int c0 = (t_end - 1)*KT;
-            bool seen = false;
-            for (int e = tid; e < RT*(KT/8); e += blockDim.x) {
-                const int r  = e/(KT/8);
-                const int ch = e % (KT/8);
-                const int cr = row0 + r;
-                if (cr < a.rows && c0 + 8*ch < a.n_kv) {
-                    const int h = hk*a.G + cr % a.G;
-                    const uint4 u = *(const uint4 *) (a.mask + (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 +
-                                                      (s % a.m_ne3)*a.m_s3 + c0 + 8*ch);
-                    const uint32_t wd[4] = { u.x, u.y, u.z, u.w };
+        constexpr int TP  = 8;
+        constexpr int NTB = 32*NWQ*NWK;
+        constexpr int SC  = (RT*(KT/8) + NTB - 1)/NTB;
+        int64_t so[SC]; // the thread's chunks of 8 mask values in a tile (offsets from its first cell; -1: none)
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        seen = seen || (wd[i] & 0xffffu) != 0xfc00u || (wd[i] >> 16) != 0xfc00u; // F16 -inf
+        for (int k = 0; k < SC; ++k) {
+            const int e = tid + k*NTB;
+            const int64_t mo = e < RT*(KT/8) ? mask_row(e/(KT/8)) : -1;
+            so[k] = mo < 0 ? -1 : mo + 8*(e % (KT/8));
+        }
+        __shared__ unsigned tail_seen;
+        while (t_end > t_begin) {
+            unsigned bits = 0; // bit u: tile t_end - 1 - u has a visible pair
+#pragma unroll
+            for (int u = 0; u < TP; ++u) {
+                const int c0 = (t_end - 1 - u)*KT;
+#pragma unroll
+                for (int k = 0; k < SC; ++k) {
+                    const int ch = (tid + k*NTB) % (KT/8);
+                    if (t_end - 1 - u >= t_begin && so[k] >= 0 && c0 + 8*ch < a.n_kv) {
+                        const uint4 w4 = *(const uint4 *) (a.mask + so[k] + c0);
+                        const uint32_t wd[4] = { w4.x, w4.y, w4.z, w4.w };
+                        bool seen = false;
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            seen = seen || (wd[i] & 0xffffu) != 0xfc00u || (wd[i] >> 16) != 0xfc00u; // F16 -inf
+                        }
+                        bits |= seen ? 1u << u : 0u;
                     }
                 }
             }
-            if (__syncthreads_or(seen)) {
+            if (tid == 0) {
+                tail_seen = 0;
+            }
+            __syncthreads();
+            if (bits != 0) {
+                atomicOr(&tail_seen, bits);
+            }
+            __syncthreads();
+            const unsigned b = tail_seen;
+            if (b != 0) {
+                t_end -= __ffs(b) - 1;
                 break;
             }
+            t_end = max(t_begin, t_end - TP);
+            __syncthreads(); // every thread has read tail_seen before it is reset
         }
     }
     const int per_grp = t_end > t_begin ? (t_end - t_begin + NWK - 1)/NWK : 0;
@@ -336,20 +389,14 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
     const float * kwbase = a.kw + hk*a.kw_s2 + s*a.kw_s3;
 
     // the thread's chunks of 8 mask values in every mask tile (offsets from the tile's first cell; -1: a row
-    // past the block's rows, zero-filled)
+    // past the block's rows, not loaded)
     constexpr int MC = (RT*(KT/8) + NT - 1)/NT;
     int64_t moffs[MC];
 #pragma unroll
     for (int k = 0; k < MC; ++k) {
         const int e  = gt + k*NT;
-        const int r  = e/(KT/8);
-        const int ch = e % (KT/8);
-        const int cr = row0 + r;
-        moffs[k] = -1;
-        if (e < RT*(KT/8) && cr < a.rows && a.mask_async) {
-            const int h = hk*a.G + cr % a.G;
-            moffs[k] = (cr/a.G)*a.m_s1 + (h % a.m_ne2)*a.m_s2 + (s % a.m_ne3)*a.m_s3 + 8*ch;
-        }
+        const int64_t mo = e < RT*(KT/8) && a.mask_async ? mask_row(e/(KT/8)) : -1;
+        moffs[k] = mo < 0 ? -1 : mo + 8*(e % (KT/8));
     }
 
     float O[NO][4];
@@ -371,10 +418,10 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
 #pragma unroll
             for (int k = 0; k < MC; ++k) {
                 const int e = gt + k*NT;
-                if (e < RT*(KT/8)) {
+                if (e < RT*(KT/8) && moffs[k] >= 0) { // rows no thread reads are not loaded
                     const int  r  = e/(KT/8);
                     const int  ch = e % (KT/8);
-                    const bool ok = moffs[k] >= 0 && c0 + 8*ch < a.n_kv;
+                    const bool ok = c0 + 8*ch < a.n_kv;
                     dpe_cp_async16(Mb + r*SM::MS + 8*ch, ok ? a.mask + moffs[k] + c0 : a.mask, ok);
                 }
             }
@@ -557,7 +604,7 @@ __global__ void __launch_bounds__(32*NWQ*NWK) dpe_fattn(const dpe_fa_args a) {
             for (int j = 0; j < NJ; ++j) {
 #pragma unroll
                 for (int rr = 0; rr < 2; ++rr) {
-                    const float2 m = __half22float2(*(const half2 *) (Mb + (wq*16 + g + 8*rr)*SM::MS + 8*j + 2*t4));
+                    const float2 m = __half22float2(*(const half2 *) (Mb + mrow_s[rr]*SM::MS + 8*j + 2*t4));
                     S[j][2*rr]     += slope[rr]*m.x;
                     S[j][2*rr + 1] += slope[rr]*m.y;
                 }
@@ -1161,18 +1208,18 @@ __device__ __forceinline__ float dpe_block_reduce(float x, float * red) {
 
 // the splits' partials of one row merged exactly, then the sink and the normalisation. The block's threads find
 // the splits' weights together (dynamic shared memory: n_split floats), then thread (d, y) of the block's
-// (blockDim.x/DPE_COMBINE_Y) x DPE_COMBINE_Y adds dims d, d + blockDim.x/DPE_COMBINE_Y, ... over splits y,
-// y + DPE_COMBINE_Y, ... (so that DPE_COMBINE_Y times more loads are in flight than with one thread per dim: at
-// depth 32768 decode has 129 splits), and the DPE_COMBINE_Y sums of a dim are added in a fixed order.
-#define DPE_COMBINE_Y 4
+// (blockDim.x/ny) x ny adds dims d, d + blockDim.x/ny, ... over splits y, y + ny, ... (so that ny times more
+// loads are in flight than with one thread per dim: at depth 32768 decode has hundreds of splits), and the ny
+// sums of a dim are added in a fixed order.
 static __global__ void dpe_fattn_combine(const float * part, const float2 * meta, const float * sinks, float * dst,
-                                         const int D, const int n_rows_all, const int n_split, const int n_head) {
+                                         const int D, const int n_rows_all, const int n_split, const int n_head,
+                                         const int ny) {
     extern __shared__ float dpe_combine_smem[];
     float * split_w = dpe_combine_smem;           // [n_split]
-    float * sums    = dpe_combine_smem + n_split;  // [DPE_COMBINE_Y][D]
+    float * sums    = dpe_combine_smem + n_split;  // [ny][D]
     __shared__ float red[32];
     const int64_t row = blockIdx.x;
-    const int dx = blockDim.x/DPE_COMBINE_Y;
+    const int dx = blockDim.x/ny;
     const int tx = threadIdx.x % dx;
     const int ty = threadIdx.x / dx;
 
@@ -1197,7 +1244,7 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
     for (int d = tx; d < D; d += dx) {
         float acc = 0.0f;
 #pragma unroll 4
-        for (int k = ty; k < n_split; k += DPE_COMBINE_Y) {
+        for (int k = ty; k < n_split; k += ny) {
             const float w = split_w[k];
             const float x = part[((int64_t) k*n_rows_all + row)*D + d];
             acc += w != 0.0f ? x*w : 0.0f; // a split that saw no cell of the row adds nothing
@@ -1207,12 +1254,17 @@ static __global__ void dpe_fattn_combine(const float * part, const float2 * meta
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float acc = 0.0f;
-#pragma unroll
-        for (int y = 0; y < DPE_COMBINE_Y; ++y) {
+        for (int y = 0; y < ny; ++y) {
             acc += sums[y*D + d];
         }
         dst[row*D + d] = acc*inv;
     }
+}
+
+// a diagnostic knob of the launch (an environment variable read once; dflt when unset)
+static int dpe_fa_knob(const char * name, const int dflt) {
+    const char * v = getenv(name);
+    return v && *v ? atoi(v) : dflt;
 }
 
 // Runs one of the kernels over grid_x row blocks of every (KV head, stream), its n_units units of cells (tiles or
@@ -1234,10 +1286,14 @@ static void dpe_fattn_run(ggml_backend_cuda_context & ctx, dpe_fa_args a, K kern
 
     const int64_t blocks_xy = (int64_t) grid_x*a.n_head_kv*a.n_stream;
     const int64_t target    = (int64_t) ggml_cuda_info().devices[id].nsm*occupancy;
+    // splits: as many as fit one wave of blocks beside the row blocks (DPE_FA_SPLIT_CEIL=1: enough to fill it,
+    // which can start a second, almost empty wave)
+    static const bool split_ceil = dpe_fa_knob("DPE_FA_SPLIT_CEIL", 0) != 0;
     int n_split = 1;
     if (blocks_xy < target) {
         const int64_t most = std::max<int64_t>(1, n_units/min_units);
-        n_split = (int) std::min<int64_t>(most, (target + blocks_xy - 1)/blocks_xy);
+        const int64_t fit  = split_ceil ? (target + blocks_xy - 1)/blocks_xy : target/blocks_xy;
+        n_split = (int) std::min<int64_t>(most, fit);
     }
     a.tiles_per_split = (n_units + n_split - 1)/n_split;
     n_split = (n_units + a.tiles_per_split - 1)/a.tiles_per_split;
@@ -1255,9 +1311,11 @@ static void dpe_fattn_run(ggml_backend_cuda_context & ctx, dpe_fa_args a, K kern
     kernel<<<dim3(grid_x, a.n_head_kv*a.n_stream, n_split), nthreads, smem, stream>>>(a);
     CUDA_CHECK(cudaGetLastError());
     if (n_split > 1) {
-        dpe_fattn_combine<<<n_rows_all, DPE_COMBINE_Y*(a.D < 128 ? a.D : 128),
-                            (n_split + DPE_COMBINE_Y*a.D)*sizeof(float), stream>>>(
-            a.part, a.meta, a.sinks, a.dst, a.D, n_rows_all, n_split, a.n_head);
+        static const int combine_y = dpe_fa_knob("DPE_FA_COMBINE_Y", 4);
+        const int dx = a.D < 128 ? a.D : 128;
+        const int ny = std::max(1, std::min(combine_y, 1024/dx));
+        dpe_fattn_combine<<<n_rows_all, ny*dx, (n_split + ny*a.D)*sizeof(float), stream>>>(
+            a.part, a.meta, a.sinks, a.dst, a.D, n_rows_all, n_split, a.n_head, ny);
         CUDA_CHECK(cudaGetLastError());
     }
 }
@@ -1278,11 +1336,13 @@ static void dpe_fattn_vec_launch(ggml_backend_cuda_context & ctx, const dpe_fa_a
     // H200: tg64 0.46-0.56 of stock against 0.54-0.59 with 8). A short cache is split into up to 8 ranges of
     // fewer chunks: the kernel is latency-bound there (ncu, depth 0: 3 blocks on the whole GPU, 13.6 us
     // against stock's 4.7 us), so the splits' blocks run side by side and the combine merges them.
+    // DPE_FA_VEC_MIN_CHUNKS=n: each split at least n chunks instead
     static int occ[GGML_CUDA_MAX_DEVICES] = {};
+    static const int min_chunks = dpe_fa_knob("DPE_FA_VEC_MIN_CHUNKS", 0);
     const int n_chunks = (a.n_kv + 31)/32;
     dpe_fattn_run(ctx, a, dpe_fattn_vec<D, R, KV_T>, occ, 128,
                   dpe_fa_vec_smem<D, R, 4, KV_T == GGML_TYPE_F16>::bytes, 1, n_chunks,
-                  std::max(1, std::min(8, n_chunks/8)));
+                  min_chunks > 0 ? min_chunks : std::max(1, std::min(8, n_chunks/8)));
 }
 
 // decode (a few rows per KV head: the vector kernel; up to 16 rows at head dim 256: one 16-row tensor-core slice,
