@@ -112,6 +112,57 @@ static inline void dpe_vec_mad_f16_f32(int64_t n, float * y, const ggml_fp16_t *
     }
 }
 
+// The largest of x[0 .. n) (no NaN among them), with several independent maxima in flight: ggml_vec_max_f32 is
+// one chain of dependent scalar maxima, which cost a tile as much as its two GEMMs (perf, pp512 at depth 4096).
+// The maximum of a set does not depend on the order it is taken in.
+static inline float dpe_max_f32(const float * x, int64_t n) {
+    int64_t i = 0;
+    float m = -INFINITY;
+#if defined(__AVX512F__)
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
+    }
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    }
+    m = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+#elif defined(__AVX__)
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_max_ps(m0, m1));
+    for (int k = 0; k < 8; ++k) {
+        m = std::max(m, t[k]);
+    }
+#else
+    float t[4] = { -INFINITY, -INFINITY, -INFINITY, -INFINITY };
+    for (; i + 4 <= n; i += 4) {
+        for (int k = 0; k < 4; ++k) {
+            t[k] = std::max(t[k], x[i + k]);
+        }
+    }
+    m = std::max(std::max(t[0], t[1]), std::max(t[2], t[3]));
+#endif
+    for (; i < n; ++i) {
+        m = std::max(m, x[i]);
+    }
+    return m;
+}
+
+// whether any of n F16 mask values is not -inf (0xfc00): an OR of integers, which the compiler vectorises
+static inline bool dpe_mask_any(const ggml_fp16_t * m, int64_t n) {
+    uint16_t seen = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        seen |= (uint16_t) (m[i] ^ 0xfc00);
+    }
+    return seen != 0;
+}
+
 // Values accumulate in F32 (stock's one-row path accumulates F16 values in F16; F32 is more exact at the
 // same speed).
 static inline void dpe_fa_add(const dpe_fa & a, dpe_fa_acc & acc, float s, const char * vr, float * VKQ, float * V32) {
@@ -200,7 +251,7 @@ constexpr int64_t KT = ggml_fa_tile_config::KV;
 // floats of per-thread scratch of each path
 static int64_t dpe_fa_row_scratch(int64_t DK, int64_t DV) { return DK + 2*DV + CACHE_LINE_SIZE_F32; }
 static int64_t dpe_fa_tile_scratch(int64_t DK, int64_t DV) {
-    return 2*QT*DK + 4*QT*KT + QT*DV + KT*DV + 2*KT*DK + KT + CACHE_LINE_SIZE_F32;
+    return 2*QT*DK + 4*QT*KT + QT*DV + KT*DV + 3*KT*DK + KT + CACHE_LINE_SIZE_F32;
 }
 
 // Q tile: rows [i1, i1 + rows) of head h, stream s (rows <= QT)
@@ -216,7 +267,8 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
     float * V32   = VKQ + QT*a.DV;
     float * Kf    = V32 + KT*a.DV;
     float * Kn    = Kf + KT*a.DK;
-    int32_t * slot = (int32_t *) (Kn + KT*a.DK);
+    float * Kr    = Kn + KT*a.DK;   // [KT][DK] the tile's far keys as F32 rows, before the transposition
+    int32_t * slot = (int32_t *) (Kr + KT*a.DK);
 
     const float sl = a.slope(h);
     const int32_t * ids = a.idx + s*a.n_win;
@@ -242,6 +294,8 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
     memset(Kf, 0, KT*a.DK*sizeof(float));
     memset(Kn, 0, KT*a.DK*sizeof(float));
     memset(V32, 0, KT*a.DV*sizeof(float));
+    // rows past the tile's rows: masked in every KV tile
+    std::fill(mask32 + rows*KT, mask32 + QT*KT, -INFINITY);
 
     int32_t pq_min = INT32_MAX, pq_max = INT32_MIN;
     for (int64_t r = 0; r < rows; ++r) {
@@ -276,18 +330,22 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
         const bool all_far  = n_wc == 0 || (int64_t) pq_min - pw_max >= a.window || (int64_t) pq_max - pw_min < 0;
         const bool all_near = n_wc == nc && (int64_t) pq_min - pw_max >= 0 && (int64_t) pq_max - pw_min < a.window;
 
-        bool any = false, any_near = false, any_far = false;
-        for (int64_t r = 0; r < QT; ++r) {
-            const ggml_fp16_t * mp = r < rows ? a.mask_row(i1 + r, h, s) : nullptr;
+        // slope * mask (-inf for cells past the cache); whether any pair is visible (slope > 0: a pair is masked
+        // exactly where its F16 mask value is -inf)
+        bool any = !a.mask, any_near = false, any_far = false;
+        for (int64_t r = 0; r < rows; ++r) {
             float * mr = mask32 + r*KT;
-            for (int64_t t = 0; t < KT; ++t) {
-                float mv = -INFINITY;
-                if (r < rows && t < nc) {
-                    mv = mp ? sl*GGML_CPU_FP16_TO_FP32(mp[c0 + t]) : 0.0f;
+            if (a.mask) {
+                const ggml_fp16_t * mp = a.mask_row(i1 + r, h, s) + c0;
+                any = any || dpe_mask_any(mp, nc);
+                ggml_cpu_fp16_to_fp32(mp, mr, nc);
+                if (sl != 1.0f) {
+                    ggml_vec_scale_f32(nc, mr, sl);
                 }
-                mr[t] = mv;
-                any = any || mv != -INFINITY;
+            } else {
+                std::fill(mr, mr + nc, 0.0f);
             }
+            std::fill(mr + nc, mr + KT, -INFINITY);
         }
         if (!any) {
             continue;
@@ -312,10 +370,14 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
 
         // scores: far keys with q_far, window keys with q (K tiles transposed: [DK][KT])
         if (any_far) {
+            // rows converted by the CPU's F16 instructions, then transposed (F32 to F32)
+            for (int64_t t = 0; f16 && t < nc; ++t) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) a.k_row(c0 + t, h, s), Kr + t*a.DK, a.DK);
+            }
             for (int64_t t = 0; t < nc; ++t) {
-                const char * kr = a.k_row(c0 + t, h, s);
+                const float * kt = f16 ? Kr + t*a.DK : (const float *) a.k_row(c0 + t, h, s);
                 for (int64_t d = 0; d < a.DK; ++d) {
-                    Kf[d*KT + t] = f16 ? GGML_CPU_FP16_TO_FP32(((const ggml_fp16_t *) kr)[d]) : ((const float *) kr)[d];
+                    Kf[d*KT + t] = kt[d];
                 }
             }
             memset(KQ, 0, QT*KT*sizeof(float));
@@ -348,8 +410,7 @@ static void dpe_fa_tile(const dpe_fa & a, ggml_tensor * dst, float * base, int64
 
         for (int64_t r = 0; r < QT; ++r) {
             float * row = KQ + r*KT;
-            float tile_max;
-            ggml_vec_max_f32(KT, &tile_max, row);
+            const float tile_max = dpe_max_f32(row, KT);
             if (tile_max == -INFINITY) {
                 memset(row, 0, KT*sizeof(float));
                 continue;
