@@ -406,11 +406,12 @@ void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * par
     const int32_t * pos_win = (const int32_t *) dst->src[3]->data;
     const int32_t * pos_q   = (const int32_t *) dst->src[4]->data;
     const int32_t   window  = ((const int32_t *) dst->op_params)[0];
+    const int32_t   S       = ((const int32_t *) dst->op_params)[1]; // 0, or the slots of a store of keys by cell
 
     GGML_ASSERT(dst->type == GGML_TYPE_F32 && kq_near->type == GGML_TYPE_F32);
 
     const int64_t n_kv  = dst->ne[0];
-    const int64_t n_win = kq_near->ne[0];
+    const int64_t n_win = dst->src[2]->ne[0];
     const int64_t n_tps = dst->ne[1];
     const int64_t n_h   = dst->ne[2];
     const int64_t nr    = n_tps*n_h*dst->ne[3];
@@ -433,7 +434,7 @@ void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * par
             const int64_t r = pq - pw[j];
             if (r >= 0 && r < window) {
                 GGML_ASSERT(ids[j] >= 0 && ids[j] < n_kv);
-                y[ids[j]] = x[j];
+                y[ids[j]] = x[S > 0 ? ids[j] % S : j];
             }
         }
     }

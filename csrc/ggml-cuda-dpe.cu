@@ -313,7 +313,7 @@ static __global__ void dpe_near_scores_f32(
         const int n_win, const int n_tps, const int n_h,
         const int64_t s1, const int64_t s2, const int64_t s3,     // strides of dst in floats
         const int64_t t1, const int64_t t2, const int64_t t3,     // strides of kq_near in floats
-        const int window) {
+        const int window, const int S) {
     const int64_t row = blockIdx.x;
     const int64_t s   = row/((int64_t) n_tps*n_h);
     const int64_t h   = (row - s*n_tps*n_h)/n_tps;
@@ -325,7 +325,8 @@ static __global__ void dpe_near_scores_f32(
     for (int j = threadIdx.x; j < n_win; j += blockDim.x) {
         const int64_t r = pq - pos_win[s*n_win + j];
         if (r >= 0 && r < window) {
-            y[idx[s*n_win + j]] = x[j];
+            const int c = idx[s*n_win + j];
+            y[c] = x[S > 0 ? c % S : j];
         }
     }
 }
@@ -338,20 +339,22 @@ bool ggml_cuda_supports_dpe_near_scores(const ggml_tensor * op) {
            kq->nb[1] % sizeof(float) == 0 && kq->nb[2] % sizeof(float) == 0 && kq->nb[3] % sizeof(float) == 0 &&
            kq_near->nb[1] % sizeof(float) == 0 && kq_near->nb[2] % sizeof(float) == 0 && kq_near->nb[3] % sizeof(float) == 0 &&
            op->src[2]->type == GGML_TYPE_I32 && op->src[3]->type == GGML_TYPE_I32 && op->src[4]->type == GGML_TYPE_I32 &&
-           kq_near->ne[0] <= INT_MAX && ggml_nrows(kq) <= INT_MAX;
+           kq_near->ne[0] <= INT_MAX && op->src[2]->ne[0] <= INT_MAX && ggml_nrows(kq) <= INT_MAX;
 }
 
 void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * kq_near = dst->src[1];
     const int window = ((const int32_t *) dst->op_params)[0];
+    const int S      = ((const int32_t *) dst->op_params)[1]; // 0, or the slots of a store of keys by cell
+    const int64_t n_win = dst->src[2]->ne[0];
     const int64_t nr = dst->ne[1]*dst->ne[2]*dst->ne[3];
-    if (nr == 0 || kq_near->ne[0] == 0) {
+    if (nr == 0 || n_win == 0) {
         return;
     }
     dpe_near_scores_f32<<<(unsigned) nr, 256, 0, ctx.stream()>>>(
         (float *) dst->data, (const float *) kq_near->data, (const int32_t *) dst->src[2]->data,
         (const int32_t *) dst->src[3]->data, (const int32_t *) dst->src[4]->data,
-        (int) kq_near->ne[0], (int) dst->ne[1], (int) dst->ne[2],
+        (int) n_win, (int) dst->ne[1], (int) dst->ne[2],
         dst->nb[1]/sizeof(float), dst->nb[2]/sizeof(float), dst->nb[3]/sizeof(float),
-        kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window);
+        kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window, S);
 }

@@ -150,14 +150,15 @@ extern "C" {
     //
     //   kq       F32 [n_kv, n_tps, n_head, n_stream]: scores of the far queries against every cell's far key
     //   kq_near  F32 [n_win, n_tps, n_head, n_stream]: scores of the ordinary queries against the keys of the
-    //            window slots (ordinary RoPE)
+    //            window slots (ordinary RoPE); with kw_slots = S > 0, [n_rows >= S, ...]: scores against the rows of
+    //            a store of keys by cell, slot j's score in row idx[j] % S
     //   idx      I32 [n_win, n_stream]: the cell (0 .. n_kv-1) of each window slot
     //   pos_win  I32 [n_win, n_stream]: the position of each window slot's cell
     //   pos_q    I32 [n_tps*n_stream]: the position of each query, stream after stream
     //
-    // kq[idx[j, s], i, h, s] = kq_near[j, i, h, s] wherever 0 <= pos_q[s*n_tps + i] - pos_win[j, s] < window;
-    // every other score keeps its far value. Slots no query is near to (padding: pos_win = INT32_MAX) change
-    // nothing. Returns kq (a view: the node writes into kq's memory).
+    // kq[idx[j, s], i, h, s] = kq_near[r(j), i, h, s] (r(j) = j, or idx[j, s] % S) wherever
+    // 0 <= pos_q[s*n_tps + i] - pos_win[j, s] < window; every other score keeps its far value. Slots no query is
+    // near to (padding: pos_win = INT32_MAX) change nothing. Returns kq (a view: the node writes into kq's memory).
     GGML_API struct ggml_tensor * ggml_dpe_near_scores(
             struct ggml_context * ctx,
             struct ggml_tensor  * kq,
@@ -165,7 +166,8 @@ extern "C" {
             struct ggml_tensor  * idx,
             struct ggml_tensor  * pos_win,
             struct ggml_tensor  * pos_q,
-            int                   window);
+            int                   window,
+            int                   kw_slots);
 
     // op_params slots of GGML_OP_DPE_FLASH_ATTN (float values; WINDOW is int32)
     enum ggml_dpe_fattn_param {

@@ -186,7 +186,7 @@ void llama_dpe_create_tensors(llama_model_loader & ml, llama_model_base & model)
 // have no store nodes) make the host forget the slots of the cells they write.
 struct llama_dpe_store {
     int64_t S = 0;
-    std::vector<ggml_tensor *> layer;       // by model layer: [d, S + 1, n_head_kv, n_stream]
+    std::vector<ggml_tensor *> layer;       // by model layer: [d, S + 1 padded to 16, n_head_kv, n_stream]
     std::vector<ggml_tensor *> written;     // by model layer: the store as the graph being built writes it
     std::vector<std::vector<int32_t>> cell; // [stream][slot]: the cell whose ordinary key the slot holds, -1: none
     // (stream, slot, cell): window keys the last graph rotated back into the store, trusted once the next ubatch
@@ -256,7 +256,9 @@ static llama_dpe_store * dpe_store_get(const llama_kv_cache * kv, const llama_cp
             st->ctxs.emplace_back(ggml_init(params));
             it = ctx_of.emplace(buft, st->ctxs.back().get()).first;
         }
-        ggml_tensor * t = ggml_new_tensor_4d(it->second, GGML_TYPE_F32, hp.n_embd_head_k(il), st->S + 1,
+        // S slots and one for writes that land nowhere, padded to 16 rows (zeros, never written): decode without
+        // flash attention multiplies the store itself, and the tiled CPU product wants a multiple of 4 rows
+        ggml_tensor * t = ggml_new_tensor_4d(it->second, GGML_TYPE_F32, hp.n_embd_head_k(il), GGML_PAD(st->S + 1, 16),
                                              hp.n_head_kv(il), n_stream);
         ggml_format_name(t, "dpe_store_l%u", il);
         st->layer[il] = t;
@@ -813,10 +815,12 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
     ggml_tensor * k_ord   = nullptr; // rotated back from an F16/F32 cache: what the store keeps
     ggml_tensor * win_pos = ggml_reshape_1d(ctx, inp->dpe_win_pos, n_win*n_stream);
     llama_dpe_store * st  = inp->mctx->get_kv()->dpe_store.get();
-    int kw_slots = 0; // flash attention reads the store itself: slot j's key in row idx[j] % S
+    int kw_slots = 0; // the store itself is read (flash attention) or multiplied: slot j's key in row idx[j] % S
     if (inp->dpe_use_store) {
         GGML_ASSERT(st != nullptr && st->written.at(il) != nullptr);
-        if (g.cparams.flash_attn && !key_write_off()) {
+        // without flash attention the product runs over every store row: only where the window fills half of
+        // them (a short cache's few window cells are gathered instead)
+        if (!key_write_off() && (g.cparams.flash_attn || 2*n_win >= st->written[il]->ne[1])) {
             k_win_h  = st->written[il];
             kw_slots = (int) st->S;
         } else {
@@ -863,9 +867,12 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
         ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
         ggml_prec_set_acc(kq, GGML_PREC_F32);
         // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] F32 matrix (the fast matmul paths want
-        // contiguous rows). Not F16: on AVX-512 CPUs without AMX (seen on an AMD EPYC) the F16 GEMM that a
-        // contiguous F16 operand selects rounds differently for different ubatch sizes, and the logits then
-        // depend on n_ubatch, which stock's do not
+        // contiguous rows), or the store itself, [d, S rows padded to 16, ...]: its near scores are against every
+        // store row, and the merge takes slot j's from row idx[j] % S. Either row count is a multiple of 16, so the
+        // CPU's tiled product (a multiple of 4 rows) computes both, and each score is the same dot product in the
+        // same order. Not F16: on AVX-512 CPUs without AMX (seen on an AMD EPYC) the F16 GEMM that a contiguous
+        // F16 operand selects rounds differently for different ubatch sizes, and the logits then depend on
+        // n_ubatch, which stock's do not
         ggml_tensor * k_win_t = ggml_is_contiguous(k_win_h) ? k_win_h : ggml_cast(ctx, k_win_h, GGML_TYPE_F32);
         // contiguous queries where there are several per stream: the CPU's tiled product (llamafile's tinyBLAS)
         // wants a contiguous right operand (and at least 2 columns); without it every score is one dot product
@@ -880,7 +887,7 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
             }
         }
         kq = ggml_dpe_near_scores(ctx, kq, kq_near, inp->dpe_win_idx, inp->dpe_win_pos, inp->dpe_pos_q,
-                                  (int) hparams.dpe.window);
+                                  (int) hparams.dpe.window, kw_slots);
         ggml_format_name(kq, "dpe_kq-%d", il);
 
         kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, hparams.f_max_alibi_bias);

@@ -324,6 +324,36 @@ def test_near_scores_match_reference(shape, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 9, 7, 300, 40), (3, 2, 1, 64, 30)], ids=["one-stream", "decode-3-streams"])
+def test_near_scores_read_a_store(shape, backend):
+    """kw_slots = S: the near scores are against the rows of a store of keys by cell (decode without flash
+    attention multiplies the store itself, docs/design.md section 6), slot j's score in row idx[j] % S: the
+    reference on the gathered rows, bit for bit; another S reads other rows."""
+    S_str, H, T, n_kv, n_win = shape
+    rng = np.random.default_rng(7 + sum(shape))
+    window, slots = 16, 37
+    n_rows = 48                                                        # the store's rows, padded past S + 1
+    kq = rng.standard_normal((S_str, H, T, n_kv)).astype(np.float32)
+    store = rng.standard_normal((S_str, H, T, n_rows)).astype(np.float32)
+    idx = np.stack([np.sort(rng.permutation(n_kv)[:n_win]) for _ in range(S_str)]).astype(np.int32)
+    pos_win = rng.integers(0, 200, size=(S_str, n_win)).astype(np.int32)
+    pos_win[:, -3:] = np.iinfo(np.int32).max
+    pos_q = rng.integers(0, 220, size=S_str * T).astype(np.int32)
+    pos_q[0] = pos_win[0, 0]
+    gathered = np.stack([store[s][..., idx[s] % slots] for s in range(S_str)])
+    ref = near_scores_np(kq, gathered, idx, pos_win, pos_q, window)
+    out = _native.dpe_near_scores(kq, store, idx, pos_win, pos_q, window=window, kw_slots=slots, backend=backend)
+    np.testing.assert_array_equal(out, ref.astype(np.float32))
+    assert 0 < (out != kq).mean() < 0.5
+    other = _native.dpe_near_scores(kq, store, idx, pos_win, pos_q, window=window, kw_slots=slots + 1,
+                                    backend=backend)
+    assert not np.array_equal(other, out)
+    with pytest.raises(ValueError):                                    # fewer rows than slots
+        _native.dpe_near_scores(kq, store[..., :slots - 1], idx, pos_win, pos_q, window=window, kw_slots=slots,
+                                backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["key", "query", "inverse", "key_full", "query_pair"])
 @pytest.mark.parametrize("positions", ["window", "prompt", "spread"])
 def test_many_rows(positions, kind, backend):
