@@ -4,12 +4,7 @@
 # and without flash attention (and with DPE's separate key nodes, and the old split rule), a 131072-token context
 # and its memory lines.
 # About 190 s on the H200 (2026-12-03). Outputs under $OUT: fa.json, fa-keywrite0.json, nofa.json (llama-bench rows).
-R=$(pwd)
-cat /tmp/smol.part1 "$R/.carry/smol.part2" > /tmp/smol.gguf
-export DPE_GGUF_DEFAULT_MODEL=/tmp/smol.gguf
-cd /tmp
-python3 -c "from dpe_gguf.cli import main; main()" convert /tmp/smol.gguf -o /tmp/g2-16.gguf \
-  --scales 2,2,4,4,8,8,16,16 --window 1024 2>&1 | tail -1
+source "$(dirname "$0")/model.sh"
 /tmp/tbo -o ROPE_DPE -b CUDA0 2>&1 | tail -1
 /tmp/tbo -o DPE_FLASH_ATTN -b CUDA0 2>&1 | tail -1
 cd /tmp/t

@@ -6,35 +6,31 @@
 #   DPE_FA_VEC_MIN_CHUNKS=n  each split of the decode kernel at least n chunks of 32 cells (0: the default rule)
 #   DPE_FA_COMBINE_Y=y       the split combine's threads per dim
 #   DPE_FA_SPLIT_CEIL=1      splits enough to fill the GPU's blocks (the old rule) instead of one wave's worth
-# Outputs under $OUT: harness-*.md (bench/attention.py tables), tp-*.json (llama-bench rows), ncu-*.txt.
-R=$(pwd)
-cat /tmp/smol.part1 "$R/.carry/smol.part2" > /tmp/smol.gguf
-export DPE_GGUF_DEFAULT_MODEL=/tmp/smol.gguf
-cd /tmp
-python3 -c "from dpe_gguf.cli import main; main()" convert /tmp/smol.gguf -o /tmp/g2-16.gguf \
-  --scales 2,2,4,4,8,8,16,16 --window 1024 2>&1 | tail -1
+# Outputs under $OUT (the tool brings back at most 8 files a call): harness.md (every bench/attention.py table,
+# each under its knobs), tp-default.json (llama-bench rows), ncu-full-8192.txt; the other llama-bench tables on
+# stdout.
+source "$(dirname "$0")/model.sh"
 /tmp/tbo -o DPE_FLASH_ATTN -b CUDA0 2>&1 | tail -1
 (cd /tmp/t && timeout 150 python3 -m pytest -q tests/test_dpe_attention.py -k "cuda or store" 2>&1 | grep -E "^FAILED|passed|failed|rror" | head -20)
 H="timeout 120 python3 /tmp/t/bench/attention.py --backend cuda --reps 20"
-$H --n-kv 1024,8192,32768,131072 --prefill 512 > "$OUT/harness-default.md" 2>&1
-DPE_FA_SPLIT_CEIL=1 $H --n-kv 1024,8192,32768,131072 --prefill 512 > "$OUT/harness-splitceil.md" 2>&1
-for v in 1 2 4; do
+HM="$OUT/harness.md"
+echo "## defaults" >> "$HM"; $H --n-kv 1024,8192,32768,131072 --prefill 512 >> "$HM" 2>&1
+echo "## DPE_FA_SPLIT_CEIL=1" >> "$HM"; DPE_FA_SPLIT_CEIL=1 $H --n-kv 1024,8192,32768,131072 --prefill 512 >> "$HM" 2>&1
+for v in 0 1 2 4; do
   for y in 4 16; do
-    DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=$y $H --n-kv 1024,8192,32768,131072 --prefill 0 \
-      > "$OUT/harness-vec$v-y$y.md" 2>&1
+    echo "## DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=$y" >> "$HM"
+    DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=$y $H --n-kv 1024,8192,32768,131072 --prefill 0 >> "$HM" 2>&1
   done
 done
-DPE_FA_COMBINE_Y=16 $H --n-kv 1024,8192,32768,131072 --prefill 0 > "$OUT/harness-vec0-y16.md" 2>&1
-head -3 "$OUT/harness-default.md"; for f in "$OUT"/harness-*.md; do echo "== $(basename "$f")"; grep "^| [dp]" "$f"; done
+grep -E "^## |^\| [dp]" "$HM"
 TP="timeout 150 python3 /tmp/t/bench/throughput.py /tmp/smol.gguf /tmp/g2-16.gguf --ngl 99 --fa 1"
 $TP --depths 0,8192,32768,65536 -p 4096 -n 64 -r 2 --json "$OUT/tp-default.json" 2>&1 | tail -9
 for v in 2 4; do
   echo "== DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=16"
-  DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=16 $TP --depths 0,8192,32768,65536 -p 0 -n 64 -r 2 \
-    --json "$OUT/tp-vec$v-y16.json" 2>&1 | tail -5
+  DPE_FA_VEC_MIN_CHUNKS=$v DPE_FA_COMBINE_Y=16 $TP --depths 0,8192,32768,65536 -p 0 -n 64 -r 2 2>&1 | tail -5
 done
 echo "== DPE_FA_SPLIT_CEIL=1"
-DPE_FA_SPLIT_CEIL=1 $TP --depths 0,8192,32768 -p 4096 -n 0 -r 2 --json "$OUT/tp-splitceil.json" 2>&1 | tail -4
+DPE_FA_SPLIT_CEIL=1 $TP --depths 0,8192,32768 -p 4096 -n 0 -r 2 2>&1 | tail -4
 # one prefill ubatch (512 rows at the end of 8192 cells) and one decode step of each engine, every ncu section
 timeout 150 ncu --set full -k regex:"dpe_fattn|flash_attn" \
   python3 /tmp/t/bench/attention.py --backend cuda --reps 1 --n-kv 8192 --prefill 512 > "$OUT/ncu-full-8192.txt" 2>&1
