@@ -401,6 +401,7 @@ void ggml_compute_forward_rope_dpe(const struct ggml_compute_params * params, st
 }
 
 void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const ggml_tensor * kq      = dst->src[0];
     const ggml_tensor * kq_near = dst->src[1];
     const int32_t * idx     = (const int32_t *) dst->src[2]->data;
     const int32_t * pos_win = (const int32_t *) dst->src[3]->data;
@@ -430,6 +431,12 @@ void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * par
         const float * x = (const float *) ((const char *) kq_near->data + i*kq_near->nb[1] + h*kq_near->nb[2] + s*kq_near->nb[3]);
         const int32_t * ids = idx     + s*n_win;
         const int32_t * pw  = pos_win + s*n_win;
+        if (dst->data != kq->data) {
+            // a wider matrix than kq: kq's far scores, then zeros
+            const float * f = (const float *) ((const char *) kq->data + i*kq->nb[1] + h*kq->nb[2] + s*kq->nb[3]);
+            memcpy(y, f, kq->ne[0]*sizeof(float));
+            memset(y + kq->ne[0], 0, (n_kv - kq->ne[0])*sizeof(float));
+        }
         for (int64_t j = 0; j < n_win; j++) {
             const int64_t r = pq - pw[j];
             if (r >= 0 && r < window) {

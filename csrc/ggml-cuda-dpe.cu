@@ -313,7 +313,9 @@ static __global__ void dpe_near_scores_f32(
         const int n_win, const int n_tps, const int n_h,
         const int64_t s1, const int64_t s2, const int64_t s3,     // strides of dst in floats
         const int64_t t1, const int64_t t2, const int64_t t3,     // strides of kq_near in floats
-        const int window, const int S) {
+        const int window, const int S,
+        const float * kq, const int n_far, const int n_kv,        // kq: a narrower source of the far scores, or null
+        const int64_t f1, const int64_t f2, const int64_t f3) {    // its strides in floats
     const int64_t row = blockIdx.x;
     const int64_t s   = row/((int64_t) n_tps*n_h);
     const int64_t h   = (row - s*n_tps*n_h)/n_tps;
@@ -322,6 +324,13 @@ static __global__ void dpe_near_scores_f32(
 
     float       * y = dst     + i*s1 + h*s2 + s*s3;
     const float * x = kq_near + i*t1 + h*t2 + s*t3;
+    if (kq != nullptr) {
+        const float * f = kq + i*f1 + h*f2 + s*f3;
+        for (int c = threadIdx.x; c < n_kv; c += blockDim.x) {
+            y[c] = c < n_far ? f[c] : 0.0f;
+        }
+        __syncthreads(); // the far scores and zeros before the near scores that overwrite some of them
+    }
     for (int j = threadIdx.x; j < n_win; j += blockDim.x) {
         const int64_t r = pq - pos_win[s*n_win + j];
         if (r >= 0 && r < window) {
@@ -339,10 +348,11 @@ bool ggml_cuda_supports_dpe_near_scores(const ggml_tensor * op) {
            kq->nb[1] % sizeof(float) == 0 && kq->nb[2] % sizeof(float) == 0 && kq->nb[3] % sizeof(float) == 0 &&
            kq_near->nb[1] % sizeof(float) == 0 && kq_near->nb[2] % sizeof(float) == 0 && kq_near->nb[3] % sizeof(float) == 0 &&
            op->src[2]->type == GGML_TYPE_I32 && op->src[3]->type == GGML_TYPE_I32 && op->src[4]->type == GGML_TYPE_I32 &&
-           kq_near->ne[0] <= INT_MAX && op->src[2]->ne[0] <= INT_MAX && ggml_nrows(kq) <= INT_MAX;
+           kq_near->ne[0] <= INT_MAX && op->src[2]->ne[0] <= INT_MAX && op->ne[0] <= INT_MAX && ggml_nrows(kq) <= INT_MAX;
 }
 
 void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * kq      = dst->src[0];
     const ggml_tensor * kq_near = dst->src[1];
     const int window = ((const int32_t *) dst->op_params)[0];
     const int S      = ((const int32_t *) dst->op_params)[1]; // 0, or the slots of a store of keys by cell
@@ -356,5 +366,7 @@ void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor *
         (const int32_t *) dst->src[3]->data, (const int32_t *) dst->src[4]->data,
         (int) n_win, (int) dst->ne[1], (int) dst->ne[2],
         dst->nb[1]/sizeof(float), dst->nb[2]/sizeof(float), dst->nb[3]/sizeof(float),
-        kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window, S);
+        kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window, S,
+        dst->data != kq->data ? (const float *) kq->data : nullptr, (int) kq->ne[0], (int) dst->ne[0],
+        kq->nb[1]/sizeof(float), kq->nb[2]/sizeof(float), kq->nb[3]/sizeof(float));
 }

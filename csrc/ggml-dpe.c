@@ -173,7 +173,8 @@ struct ggml_tensor * ggml_dpe_near_scores(
         struct ggml_tensor  * pos_win,
         struct ggml_tensor  * pos_q,
         int                   window,
-        int                   kw_slots) {
+        int                   kw_slots,
+        int64_t               n_kv) {
     GGML_ASSERT(kq->type == GGML_TYPE_F32 && kq_near->type == GGML_TYPE_F32);
     GGML_ASSERT(kq->nb[0] == sizeof(float) && kq_near->nb[0] == sizeof(float));
     GGML_ASSERT(kq_near->ne[1] == kq->ne[1] && kq_near->ne[2] == kq->ne[2] && kq_near->ne[3] == kq->ne[3]);
@@ -181,15 +182,17 @@ struct ggml_tensor * ggml_dpe_near_scores(
     GGML_ASSERT(ggml_is_contiguous(idx) && ggml_is_contiguous(pos_win) && ggml_is_contiguous(pos_q));
     GGML_ASSERT(idx->ne[1] == kq->ne[3] && ggml_nelements(idx) == ggml_nelements(pos_win));
     GGML_ASSERT(kw_slots >= 0);
+    GGML_ASSERT(n_kv >= kq->ne[0]);
     if (kw_slots == 0) {
-        GGML_ASSERT(idx->ne[0] == kq_near->ne[0] && kq_near->ne[0] <= kq->ne[0]);
+        GGML_ASSERT(idx->ne[0] == kq_near->ne[0] && kq_near->ne[0] <= n_kv);
     } else {
         GGML_ASSERT(kq_near->ne[0] >= kw_slots); // rows of a store: slot j's score in row idx[j] % kw_slots
     }
     GGML_ASSERT(ggml_nelements(pos_q) == kq->ne[1]*kq->ne[3]);
     GGML_ASSERT(window >= 0);
 
-    struct ggml_tensor * result = ggml_view_tensor(ctx, kq);
+    struct ggml_tensor * result = n_kv == kq->ne[0] ? ggml_view_tensor(ctx, kq)
+                                : ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, kq->ne[1], kq->ne[2], kq->ne[3]);
 
     int32_t params[2] = { window, kw_slots };
     ggml_set_op_params(result, params, sizeof(params));

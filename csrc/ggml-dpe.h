@@ -158,7 +158,9 @@ extern "C" {
     //
     // kq[idx[j, s], i, h, s] = kq_near[r(j), i, h, s] (r(j) = j, or idx[j, s] % S) wherever
     // 0 <= pos_q[s*n_tps + i] - pos_win[j, s] < window; every other score keeps its far value. Slots no query is
-    // near to (padding: pos_win = INT32_MAX) change nothing. Returns kq (a view: the node writes into kq's memory).
+    // near to (padding: pos_win = INT32_MAX) change nothing. Returns kq (a view: the node writes into kq's memory)
+    // when n_kv = kq->ne[0]. With n_kv > kq->ne[0] (far scores computed only for the first cells), returns a new
+    // [n_kv, n_tps, n_head, n_stream] matrix: kq's columns, then zeros, and the near scores merged into it.
     GGML_API struct ggml_tensor * ggml_dpe_near_scores(
             struct ggml_context * ctx,
             struct ggml_tensor  * kq,
@@ -167,7 +169,8 @@ extern "C" {
             struct ggml_tensor  * pos_win,
             struct ggml_tensor  * pos_q,
             int                   window,
-            int                   kw_slots);
+            int                   kw_slots,
+            int64_t               n_kv);
 
     // op_params slots of GGML_OP_DPE_FLASH_ATTN (float values; WINDOW is int32)
     enum ggml_dpe_fattn_param {

@@ -209,7 +209,14 @@ struct llama_dpe_plan {
     std::vector<int64_t> repair;    // [n_stream][n_win]: the slot a rotated-back window key is written to (S: none)
     std::vector<std::vector<std::pair<int32_t, int32_t>>> updates; // [n_stream]: (slot, cell) once the graph runs
     std::vector<std::array<int32_t, 3>> repairs;                   // (stream, slot, cell) of the repair writes
+    // the cells [0, far_cells) hold every far pair of a decode ubatch: past them each visible pair is near
+    // (attention without flash attention computes far scores only there). A multiple of DPE_FAR_CELLS_STEP (at
+    // least one), so that graphs are reused between decode steps; INT64_MAX: the whole cache (prefill, a
+    // placeholder ubatch)
+    int64_t far_cells = INT64_MAX;
 };
+
+static constexpr int64_t DPE_FAR_CELLS_STEP = 64;
 
 static constexpr int64_t DPE_STORE_MAX_TOKENS = 32;
 
@@ -318,14 +325,22 @@ static std::shared_ptr<llama_dpe_plan> dpe_plan(const llama_kv_cache_context * m
         }
         const auto & cells = kv->get_cells(ubatch.seq_id[s*n_tps][0]);
         int64_t n = 0;
+        int64_t far_last = -1; // the last cell that a query of the stream may see as far
         for (int64_t j = 0; j < n_kv && j < (int64_t) cells.size(); ++j) {
             if (cells.is_empty(j)) {
                 continue;
             }
             const llama_pos p = cells.pos_get(j);
-            bool in_window = false;
+            bool in_window = false, far = false;
             for (const auto & r : seqs) {
-                in_window = in_window || (p > r.lo - w && p <= r.hi && cells.seq_has(j, r.id));
+                const bool seen = cells.seq_has(j, r.id);
+                in_window = in_window || (p > r.lo - w && p <= r.hi && seen);
+                // at distance w or more from the last query; or past it (masked for causal attention, far for
+                // attention that is not causal)
+                far       = far || (((int64_t) p <= (int64_t) r.hi - w || p > r.hi) && seen);
+            }
+            if (far) {
+                far_last = j;
             }
             if (!in_window) {
                 continue;
@@ -337,6 +352,12 @@ static std::shared_ptr<llama_dpe_plan> dpe_plan(const llama_kv_cache_context * m
             plan->wpos[s*n_win + n] = p;
             ++n;
         }
+        // decode graphs only: a prefill graph's narrower product would be padded by a copy of its whole score
+        // matrix, which costs about what it saves
+        const int64_t far_cells = n_tps > DPE_STORE_MAX_TOKENS ? INT64_MAX :
+                                  std::min<int64_t>(n_kv, std::max<int64_t>(DPE_FAR_CELLS_STEP,
+                                                                            GGML_PAD(far_last + 1, DPE_FAR_CELLS_STEP)));
+        plan->far_cells = s == 0 ? far_cells : std::max(plan->far_cells, far_cells);
     }
     if (st == nullptr) {
         return plan;
@@ -489,7 +510,8 @@ bool llama_dpe_can_reuse(llm_graph_input_attn_kv * inp, const llama_ubatch & uba
     const llama_kv_cache * kv = inp->mctx->get_kv();
     auto plan = dpe_plan(inp->mctx, ubatch, inp->dpe_win_idx->ne[0], inp->dpe_win_idx->ne[1],
                          (int32_t) inp->dpe_window, kv->dpe_store.get());
-    if (plan == nullptr || plan->use_store != inp->dpe_use_store) {
+    if (plan == nullptr || plan->use_store != inp->dpe_use_store ||
+        (inp->dpe_plan != nullptr && plan->far_cells != inp->dpe_plan->far_cells)) {
         return false;
     }
     inp->dpe_plan = plan;
@@ -864,8 +886,24 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
 
     ggml_tensor * cur;
     if (!g.cparams.flash_attn) {
-        ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), by_stream(q_far));
-        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        // far scores: over the whole cache, or in a decode graph only over the cells before those where every
+        // visible pair is near (far_cells of the plan); the merge then writes a matrix of the cache's width, zeros
+        // past the far scores, and puts the near scores there (the softmax's mask gives the masked pairs -inf).
+        // Each far score is the same dot product as over the whole cache. DPE_FAR_CELLS=0: always over the whole
+        // cache, to compare
+        static const bool far_all = getenv("DPE_FAR_CELLS") != nullptr && atoi(getenv("DPE_FAR_CELLS")) == 0;
+        const int64_t far_cells = std::min<int64_t>(n_kv, inp->dpe_plan ? inp->dpe_plan->far_cells : n_kv);
+        ggml_tensor * kp = ggml_permute(ctx, k, 0, 2, 1, 3);
+        ggml_tensor * kq;
+        if (far_cells < n_kv && !far_all) {
+            kq = ggml_mul_mat(ctx, ggml_view_4d(ctx, kp, d, far_cells, n_h_kv, n_stream, kp->nb[1], kp->nb[2],
+                                                kp->nb[3], 0), by_stream(q_far));
+            ggml_prec_set_acc(kq, GGML_PREC_F32);
+            ggml_format_name(kq, "dpe_kq_far-%d", il);
+        } else {
+            kq = ggml_mul_mat(ctx, kp, by_stream(q_far));
+            ggml_prec_set_acc(kq, GGML_PREC_F32);
+        }
         // the window's keys as a contiguous [d, n_win, n_head_kv, n_stream] F32 matrix (the fast matmul paths want
         // contiguous rows), or the store itself, [d, S rows padded to 16, ...]: its near scores are against every
         // store row, and the merge takes slot j's from row idx[j] % S. Either row count is a multiple of 16, so the
@@ -887,7 +925,7 @@ ggml_tensor * llama_dpe_build_attn(const llm_graph_context & g, const llm_graph_
             }
         }
         kq = ggml_dpe_near_scores(ctx, kq, kq_near, inp->dpe_win_idx, inp->dpe_win_pos, inp->dpe_pos_q,
-                                  (int) hparams.dpe.window, kw_slots);
+                                  (int) hparams.dpe.window, kw_slots, n_kv);
         ggml_format_name(kq, "dpe_kq-%d", il);
 
         kq = ggml_soft_max_ext(ctx, kq, kq_mask, kq_scale, hparams.f_max_alibi_bias);

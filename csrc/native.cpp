@@ -165,8 +165,8 @@ using f32_array = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using i32_array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_array idx, i32_array pos_win,
-                                          i32_array pos_q, int window, int kw_slots, const std::string & backend_name,
-                                          int n_threads) {
+                                          i32_array pos_q, int window, int kw_slots, int64_t n_out,
+                                          const std::string & backend_name, int n_threads) {
     if (kq.ndim() != 4 || kq_near.ndim() != 4 || idx.ndim() != 2 || pos_win.ndim() != 2 || pos_q.ndim() != 1) {
         throw py::value_error("kq, kq_near: 4-d; idx, pos_win: 2-d; pos_q: 1-d");
     }
@@ -174,7 +174,8 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     const int64_t n_win = idx.shape(1), n_rows = kq_near.shape(3);
     if (kq_near.shape(0) != n_stream || kq_near.shape(1) != n_head || kq_near.shape(2) != n_tps ||
         idx.shape(0) != n_stream || pos_win.shape(0) != n_stream || pos_win.shape(1) != n_win ||
-        pos_q.shape(0) != n_stream*n_tps || kw_slots < 0 || (kw_slots == 0 ? n_rows != n_win : n_rows < kw_slots)) {
+        pos_q.shape(0) != n_stream*n_tps || kw_slots < 0 || (kw_slots == 0 ? n_rows != n_win : n_rows < kw_slots) ||
+        (n_out >= 0 && n_out < n_kv)) {
         throw py::value_error("shapes: kq [S, H, T, n_kv], kq_near [S, H, T, n_win] (kw_slots > 0: [S, H, T, n >= kw_slots]), "
                               "idx/pos_win [S, n_win], pos_q [S*T]");
     }
@@ -186,7 +187,8 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     ggml_tensor * t_idx  = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, n_win, n_stream);
     ggml_tensor * t_pw   = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, n_win, n_stream);
     ggml_tensor * t_pq   = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n_stream*n_tps);
-    ggml_tensor * t_out  = ggml_dpe_near_scores(ctx.get(), t_kq, t_near, t_idx, t_pw, t_pq, window, kw_slots);
+    ggml_tensor * t_out  = ggml_dpe_near_scores(ctx.get(), t_kq, t_near, t_idx, t_pw, t_pq, window, kw_slots,
+                                                  n_out < 0 ? n_kv : n_out);
     ggml_cgraph * gf = ggml_new_graph(ctx.get());
     ggml_build_forward_expand(gf, t_out);
     ggml_backend_buffer_ptr buf = dpe_alloc_for(backend.get(), ctx.get(), t_out, "dpe_near_scores", backend_name);
@@ -195,7 +197,7 @@ static py::array_t<float> dpe_near_scores(f32_array kq, f32_array kq_near, i32_a
     ggml_backend_tensor_set(t_idx, idx.data(), 0, ggml_nbytes(t_idx));
     ggml_backend_tensor_set(t_pw, pos_win.data(), 0, ggml_nbytes(t_pw));
     ggml_backend_tensor_set(t_pq, pos_q.data(), 0, ggml_nbytes(t_pq));
-    py::array_t<float> out({n_stream, n_head, n_tps, n_kv});
+    py::array_t<float> out({n_stream, n_head, n_tps, n_out < 0 ? n_kv : n_out});
     compute_into(backend.get(), gf, t_out, out, "dpe_near_scores", backend_name);
     return out;
 }
@@ -629,12 +631,13 @@ PYBIND11_MODULE(_native, m) {
           "their ordinary keys to slots slot (int64 [n_stream, n_tps]): one GGML_ROPE_DPE_KEY_WRITE node (fused) or\n"
           "the nodes it replaces. Returns (the cache as float32, the store).");
     m.def("dpe_near_scores", &dpe_near_scores, py::arg("kq"), py::arg("kq_near"), py::arg("idx"), py::arg("pos_win"),
-          py::arg("pos_q"), py::kw_only(), py::arg("window"), py::arg("kw_slots") = 0, py::arg("backend") = "cpu",
+          py::arg("pos_q"), py::kw_only(), py::arg("window"), py::arg("kw_slots") = 0, py::arg("n_kv") = -1,
+          py::arg("backend") = "cpu",
           py::arg("n_threads") = 2,
           "Run one GGML_OP_DPE_NEAR_SCORES node (csrc/ggml-dpe.h) on a ggml backend.\n"
           "kq: float32 [n_stream, n_head, n_tps, n_kv], kq_near: float32 [n_stream, n_head, n_tps, n_win] (kw_slots = S > 0:\n"
           "[..., n_rows >= S], slot j's score in row idx[j] % S), idx, pos_win: int32 [n_stream, n_win],\n"
-          "pos_q: int32 [n_stream*n_tps]; returns the merged kq.");
+          "pos_q: int32 [n_stream*n_tps]; n_kv > kq's width: a wider result, kq's columns then zeros; returns the merged kq.");
     m.def("bench_attention", &bench_attention, py::kw_only(), py::arg("dpe"), py::arg("n_kv"), py::arg("n_tps"),
           py::arg("n_head"), py::arg("n_head_kv"), py::arg("d"), py::arg("window"), py::arg("kv_type") = "f16",
           py::arg("reps") = 10, py::arg("backend") = "cpu", py::arg("n_threads") = 2,

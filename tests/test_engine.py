@@ -260,12 +260,15 @@ def test_window_store_follows_the_cache(tiny):
     assert np.array_equal(loaded, base[half:])
     assert np.array_equal(loaded_here, base[half:])
 
-    # the same bits from the other graphs: rotating back throughout (DPE_WINDOW_STORE=0), and the separate nodes
-    # that the one key-writing node replaces (DPE_KEY_WRITE=0), with the F32 cache and with an F16 one
+    # the same bits from the other graphs: rotating back throughout (DPE_WINDOW_STORE=0), the separate nodes
+    # that the one key-writing node replaces (DPE_KEY_WRITE=0), and far scores over the whole cache in decode
+    # (DPE_FAR_CELLS=0; these decode steps compute them over the first 64 or 128 of 256 cells), with the F32 cache
+    # and with an F16 one
     base16 = engine_logits(dpe, tokens, n_prompt=N_PROMPT, type_kv=F16)
     np.save(dpe.parent / "tokens.npy", tokens)
     for env, type_kv, want in (("DPE_WINDOW_STORE", F32, base), ("DPE_KEY_WRITE", F32, base),
-                               ("DPE_KEY_WRITE", F16, base16)):
+                               ("DPE_KEY_WRITE", F16, base16), ("DPE_FAR_CELLS", F32, base),
+                               ("DPE_FAR_CELLS", F16, base16)):
         code = textwrap.dedent(f"""
             import sys, numpy as np
             sys.path.insert(0, {str(os.path.dirname(__file__))!r})

@@ -348,6 +348,11 @@ def test_near_scores_read_a_store(shape, backend):
     other = _native.dpe_near_scores(kq, store, idx, pos_win, pos_q, window=window, kw_slots=slots + 1,
                                     backend=backend)
     assert not np.array_equal(other, out)
+    # a wider result (far scores computed for the first cells only): kq's columns, zeros, then the same merge
+    wide = _native.dpe_near_scores(kq, store, idx, pos_win, pos_q, window=window, kw_slots=slots,
+                                   n_kv=n_kv + 40, backend=backend)
+    kq_wide = np.concatenate([kq, np.zeros(kq.shape[:3] + (40,), np.float32)], axis=3)
+    np.testing.assert_array_equal(wide, near_scores_np(kq_wide, gathered, idx, pos_win, pos_q, window).astype(np.float32))
     with pytest.raises(ValueError):                                    # fewer rows than slots
         _native.dpe_near_scores(kq, store[..., :slots - 1], idx, pos_win, pos_q, window=window, kw_slots=slots,
                                 backend=backend)
