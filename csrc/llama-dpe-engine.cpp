@@ -510,8 +510,9 @@ bool llama_dpe_can_reuse(llm_graph_input_attn_kv * inp, const llama_ubatch & uba
     const llama_kv_cache * kv = inp->mctx->get_kv();
     auto plan = dpe_plan(inp->mctx, ubatch, inp->dpe_win_idx->ne[0], inp->dpe_win_idx->ne[1],
                          (int32_t) inp->dpe_window, kv->dpe_store.get());
+    // the far cells shape the graph only without flash attention
     if (plan == nullptr || plan->use_store != inp->dpe_use_store ||
-        (inp->dpe_plan != nullptr && plan->far_cells != inp->dpe_plan->far_cells)) {
+        (!inp->cparams.flash_attn && inp->dpe_plan != nullptr && plan->far_cells != inp->dpe_plan->far_cells)) {
         return false;
     }
     inp->dpe_plan = plan;
