@@ -431,8 +431,8 @@ void ggml_compute_forward_dpe_near_scores(const struct ggml_compute_params * par
         const float * x = (const float *) ((const char *) kq_near->data + i*kq_near->nb[1] + h*kq_near->nb[2] + s*kq_near->nb[3]);
         const int32_t * ids = idx     + s*n_win;
         const int32_t * pw  = pos_win + s*n_win;
-        if (dst->data != kq->data) {
-            // a wider matrix than kq: kq's far scores, then zeros
+        if (n_kv > kq->ne[0]) {
+            // a wider matrix than kq (ggml_dpe_near_scores made a new one): kq's far scores, then zeros
             const float * f = (const float *) ((const char *) kq->data + i*kq->nb[1] + h*kq->nb[2] + s*kq->nb[3]);
             memcpy(y, f, kq->ne[0]*sizeof(float));
             memset(y + kq->ne[0], 0, (n_kv - kq->ne[0])*sizeof(float));

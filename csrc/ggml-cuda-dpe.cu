@@ -367,6 +367,6 @@ void ggml_cuda_op_dpe_near_scores(ggml_backend_cuda_context & ctx, ggml_tensor *
         (int) n_win, (int) dst->ne[1], (int) dst->ne[2],
         dst->nb[1]/sizeof(float), dst->nb[2]/sizeof(float), dst->nb[3]/sizeof(float),
         kq_near->nb[1]/sizeof(float), kq_near->nb[2]/sizeof(float), kq_near->nb[3]/sizeof(float), window, S,
-        dst->data != kq->data ? (const float *) kq->data : nullptr, (int) kq->ne[0], (int) dst->ne[0],
+        dst->ne[0] > kq->ne[0] ? (const float *) kq->data : nullptr, (int) kq->ne[0], (int) dst->ne[0],
         kq->nb[1]/sizeof(float), kq->nb[2]/sizeof(float), kq->nb[3]/sizeof(float));
 }
